@@ -1,0 +1,9 @@
+//! molora: multimodal generation with per-token adapter routing.
+//!
+//! Layering, each module talking only to its neighbour:
+//! `server` -> `engine` -> `routing` + `model` -> `dispatch` + `adapters`.
+
+pub mod adapters;
+pub mod dispatch;
+pub mod model;
+pub mod routing;

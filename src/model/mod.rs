@@ -1,0 +1,4 @@
+//! The unified-vocabulary decoder (Chameleon layout), its KV cache, and the
+//! model directory's config.
+
+pub mod config;
