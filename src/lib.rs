@@ -7,3 +7,6 @@ pub mod adapters;
 pub mod dispatch;
 pub mod model;
 pub mod routing;
+pub mod bench;
+pub mod engine_runner;
+pub mod random_model;

@@ -56,3 +56,8 @@ pub fn routed_linear(
         generic::routed_linear(x, w, bias, targets, plan)
     }
 }
+
+/// `y = x·Wᵀ + bias` without adapters, on the platform's fastest path.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    routed_linear(x, w, bias, &[], None)
+}
