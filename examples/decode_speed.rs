@@ -60,14 +60,36 @@ fn demo_config(kv_heads: usize) -> Result<Config> {
     }))?)
 }
 
-/// Greedy decode of `batch` sequences to `context` tokens; returns seconds
+/// CPU seconds this process has used (all threads), from /proc/self/stat;
+/// on a shared machine this is the number that does not depend on the load.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // utime + stime, at the kernel's 100 ticks/s
+}
+
+/// Wall and CPU seconds per step.
+#[derive(Clone, Copy)]
+struct StepTime {
+    wall: f64,
+    cpu: f64,
+}
+
+/// Greedy decode of `batch` sequences to `context` tokens; returns the time
 /// per step (every step: forward of one token per sequence, logits, argmax).
 fn decode(
     model: &Decoder,
     batch: usize,
     context: usize,
     lora: Option<&dyn LoraContext>,
-) -> Result<f64> {
+) -> Result<StepTime> {
     let dev = Device::Cpu;
     let mut caches: Vec<KvCache> = (0..batch)
         .map(|_| KvCache::new(model.config(), &dev))
@@ -85,7 +107,7 @@ fn decode(
         .collect();
     let mut next = argmax(&model.logits(&hidden.index_select(&Tensor::new(last, &dev)?, 0)?)?)?;
     let steps = context - PROMPT;
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_seconds());
     for _ in 0..steps {
         let mut step = BatchInput::default();
         for (s, &t) in next.iter().enumerate() {
@@ -94,40 +116,44 @@ fn decode(
         let hidden = model.forward(&step, &mut caches, lora)?;
         next = argmax(&model.logits(&hidden)?)?;
     }
-    Ok(start.elapsed().as_secs_f64() / steps as f64)
+    Ok(StepTime {
+        wall: start.elapsed().as_secs_f64() / steps as f64,
+        cpu: (cpu_seconds() - cpu0) / steps as f64,
+    })
 }
 
 fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(1)?.to_vec1::<u32>()?)
 }
 
-/// Seconds per step spent in the projections alone (same shapes, same calls).
-fn projections_only(cfg: &Config, batch: usize) -> Result<f64> {
+/// Time per step spent in the projections alone: same shapes, same calls,
+/// distinct weights per layer (so they stream from memory as in the model).
+fn projections_only(cfg: &Config, batch: usize) -> Result<StepTime> {
     let dev = Device::Cpu;
     let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let kv = cfg.num_kv_heads() * cfg.head_dim();
     let w = |o: usize, inp: usize| Tensor::randn(0f32, 0.05, (o, inp), &dev);
-    let (qkv, o, gu, down, head) = (
-        w(d + 2 * kv, d)?,
-        w(d, d)?,
-        w(2 * i, d)?,
-        w(d, i)?,
-        w(v, d)?,
-    );
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|_| Ok([w(d + 2 * kv, d)?, w(d, d)?, w(2 * i, d)?, w(d, i)?]))
+        .collect::<Result<Vec<_>>>()?;
+    let head = w(v, d)?;
     let xd = Tensor::randn(0f32, 1.0, (batch, d), &dev)?;
     let xi = Tensor::randn(0f32, 1.0, (batch, i), &dev)?;
     let reps = 200;
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_seconds());
     for _ in 0..reps {
-        for _ in 0..cfg.num_hidden_layers {
-            routed_linear(&xd, &qkv, None, &[], None)?;
-            routed_linear(&xd, &o, None, &[], None)?;
-            routed_linear(&xd, &gu, None, &[], None)?;
-            routed_linear(&xi, &down, None, &[], None)?;
+        for [qkv, o, gu, down] in &layers {
+            routed_linear(&xd, qkv, None, &[], None)?;
+            routed_linear(&xd, o, None, &[], None)?;
+            routed_linear(&xd, gu, None, &[], None)?;
+            routed_linear(&xi, down, None, &[], None)?;
         }
         routed_linear(&xd, &head, None, &[], None)?;
     }
-    Ok(start.elapsed().as_secs_f64() / reps as f64)
+    Ok(StepTime {
+        wall: start.elapsed().as_secs_f64() / reps as f64,
+        cpu: (cpu_seconds() - cpu0) / reps as f64,
+    })
 }
 
 fn main() -> Result<()> {
@@ -153,33 +179,48 @@ fn main() -> Result<()> {
         cfg.vocab_size
     );
     println!(
-        "{:<12} {:>5} {:<12} {:>10} {:>12}",
-        "path", "batch", "lora", "ms/step", "tokens/s"
+        "{:<12} {:>5} {:<10} {:>9} {:>9} {:>10} {:>10}",
+        "path", "batch", "lora", "wall ms", "cpu ms", "tokens/s", "tok/cpu-s"
     );
+    // DECODE_SPEED_ONLY=HostSlices:1 runs one row of the table (for profiling).
+    let only = std::env::var("DECODE_SPEED_ONLY").ok();
     for path in [KernelPath::HostSlices, KernelPath::TensorOps] {
         let mut model = base.clone();
         model.set_kernel_path(path)?;
         for batch in [1, 16] {
+            if only
+                .as_ref()
+                .is_some_and(|o| *o != format!("{path:?}:{batch}"))
+            {
+                continue;
+            }
             for (name, lora) in [
                 ("none", None),
                 ("plan=None", Some(&NoAdapters as &dyn LoraContext)),
             ] {
-                let step = decode(&model, batch, context, lora)?;
+                let t = decode(&model, batch, context, lora)?;
                 println!(
-                    "{:<12} {:>5} {:<12} {:>10.3} {:>12.0}",
+                    "{:<12} {:>5} {:<10} {:>9.3} {:>9.3} {:>10.0} {:>10.0}",
                     format!("{path:?}"),
                     batch,
                     name,
-                    step * 1e3,
-                    batch as f64 / step
+                    t.wall * 1e3,
+                    t.cpu * 1e3,
+                    batch as f64 / t.wall,
+                    batch as f64 / t.cpu
                 );
             }
         }
     }
+    if only.is_some() {
+        return Ok(());
+    }
     for batch in [1, 16] {
+        let t = projections_only(&cfg, batch)?;
         println!(
-            "projections alone (4 per layer + lm_head), batch {batch}: {:.3} ms/step",
-            projections_only(&cfg, batch)? * 1e3
+            "projections alone (4 per layer + lm_head), batch {batch}: {:.3} ms/step wall, {:.3} cpu",
+            t.wall * 1e3,
+            t.cpu * 1e3
         );
     }
     for path in [KernelPath::HostSlices, KernelPath::TensorOps] {

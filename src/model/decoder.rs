@@ -126,13 +126,13 @@ struct DecoderLayer {
 }
 
 /// What every layer of one forward shares.
-struct ForwardCtx<'a> {
-    runs: &'a [SeqRun],
+pub(crate) struct ForwardCtx<'a> {
+    pub(crate) runs: &'a [SeqRun],
     /// u32 `[N]`, used by the tensor-op path only.
-    positions: &'a Tensor,
-    rope: &'a Rope,
-    lora: Option<&'a dyn LoraContext>,
-    path: KernelPath,
+    pub(crate) positions: &'a Tensor,
+    pub(crate) rope: &'a Rope,
+    pub(crate) lora: Option<&'a dyn LoraContext>,
+    pub(crate) path: KernelPath,
 }
 
 impl DecoderLayer {
@@ -161,15 +161,7 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let path = ctx.path;
         let attend = |xa: &Tensor, adapters: &LayerAdapters<'_>, caches: &mut [KvCache]| {
-            self.attn.forward(
-                xa,
-                ctx.runs,
-                ctx.positions,
-                caches,
-                ctx.rope,
-                adapters,
-                path,
-            )
+            self.attn.forward(xa, ctx, caches, adapters)
         };
         if self.swin_norm {
             // h = x + norm(attn(x)); out = h + norm(mlp(h))

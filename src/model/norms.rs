@@ -63,24 +63,146 @@ pub(crate) fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `Σ a·b` with eight independent accumulators so the compiler vectorises it.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// Vector primitives of the host kernels, one implementation per instruction
+/// set. Kernels are generic over it and inlined into a function compiled for
+/// that set, so one source gives a portable and an AVX2+FMA copy.
+pub(crate) trait Lanes: Copy {
+    /// `Σ a·b` over the common length.
+    fn dot(self, a: &[f32], b: &[f32]) -> f32;
+    /// `y += alpha · x` over the common length.
+    fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]);
+}
+
+/// Plain Rust; sixteen independent accumulators so the compiler vectorises.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Portable;
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        const W: usize = 16;
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0f32; W];
+        let (mut ca, mut cb) = (a.chunks_exact(W), b.chunks_exact(W));
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for i in 0..W {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        let tail: f32 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        acc.iter().sum::<f32>() + tail
+    }
+
+    #[inline(always)]
+    fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += alpha * x;
         }
     }
-    let mut tail = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
+}
+
+/// AVX2 + FMA intrinsics; a value exists only where the CPU has both.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2Fma(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2Fma {
+    pub(crate) fn detect() -> Option<Self> {
+        (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+            .then_some(Self(()))
     }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2Fma {
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: `Avx2Fma` is only constructed after detecting the features.
+        unsafe { avx2::dot(a, b) }
+    }
+
+    #[inline(always)]
+    fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]) {
+        // SAFETY: as above.
+        unsafe { avx2::axpy(y, alpha, x) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n bounds both 8-wide loads of both slices.
+            unsafe {
+                let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), s1);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            unsafe {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+            }
+            i += 8;
+        }
+        let s = _mm256_add_ps(s0, s1);
+        let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+        let mut total = _mm_cvtss_f32(q);
+        for j in i..n {
+            total += a[j] * b[j];
+        }
+        total
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let va = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n bounds the load from x and the load/store of y.
+            unsafe {
+                let py = y.as_mut_ptr().add(i);
+                _mm256_storeu_ps(
+                    py,
+                    _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py)),
+                );
+            }
+            i += 8;
+        }
+        for j in i..n {
+            y[j] += alpha * x[j];
+        }
+    }
+}
+
+/// `Σ a·b` (portable lanes), for the per-row norms.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    Portable.dot(a, b)
 }
 
 /// Root-mean-square norm with a learned scale (`ChameleonRMSNorm`).
