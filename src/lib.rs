@@ -4,9 +4,10 @@
 //! `server` -> `engine` -> `routing` + `model` -> `dispatch` + `adapters`.
 
 pub mod adapters;
-pub mod dispatch;
-pub mod model;
-pub mod routing;
 pub mod bench;
+pub mod dispatch;
 pub mod engine_runner;
+pub mod model;
 pub mod random_model;
+pub mod routing;
+pub mod train;

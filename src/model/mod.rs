@@ -1,5 +1,5 @@
-//! The unified-vocabulary decoder (Chameleon layout), its KV cache, and the
-//! model directory's config.
+//! The unified-vocabulary decoder (Chameleon layout), its KV cache, the
+//! tokenizer, and the model directory's config.
 
 pub mod attention;
 pub mod config;
@@ -7,4 +7,5 @@ pub mod decoder;
 pub mod kv_cache;
 pub mod mlp;
 pub mod norms;
+pub mod tokenizer;
 pub mod weights;

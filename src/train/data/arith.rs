@@ -1,0 +1,271 @@
+//! Integer expressions shared by the arithmetic and code domains: the AST,
+//! evaluation, printing with the fewest parentheses, and the random
+//! expressions the generators ask about.
+//!
+//! Generated expressions: 2 or 3 operands of at most two digits, one or two
+//! of + - *, every product has a one-digit factor, no intermediate value is
+//! negative and the value is at most [`MAX_VALUE`] (small enough for a tiny
+//! model to learn exactly).
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Result};
+use rand::Rng;
+
+/// Largest value of a generated expression.
+pub const MAX_VALUE: i64 = 999;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Add,
+    Sub,
+    Mul,
+}
+
+impl Op {
+    pub fn symbol(self) -> char {
+        match self {
+            Op::Add => '+',
+            Op::Sub => '-',
+            Op::Mul => '*',
+        }
+    }
+
+    fn precedence(self) -> u8 {
+        match self {
+            Op::Add | Op::Sub => 1,
+            Op::Mul => 2,
+        }
+    }
+
+    pub fn apply(self, a: i64, b: i64) -> Option<i64> {
+        match self {
+            Op::Add => a.checked_add(b),
+            Op::Sub => a.checked_sub(b),
+            Op::Mul => a.checked_mul(b),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Expr {
+    Num(i64),
+    Var(String),
+    Neg(Box<Expr>),
+    Bin(Op, Box<Expr>, Box<Expr>),
+}
+
+impl Expr {
+    pub fn bin(op: Op, a: Expr, b: Expr) -> Expr {
+        Expr::Bin(op, Box::new(a), Box::new(b))
+    }
+
+    /// Evaluates with variables from `env`; overflow and unknown names are errors.
+    pub fn eval(&self, env: &HashMap<String, i64>) -> Result<i64> {
+        match self {
+            Expr::Num(n) => Ok(*n),
+            Expr::Var(name) => env
+                .get(name)
+                .copied()
+                .ok_or_else(|| anyhow!("variable `{name}` is used before `let {name} = ...`")),
+            Expr::Neg(e) => e
+                .eval(env)?
+                .checked_neg()
+                .ok_or_else(|| anyhow!("integer overflow in negation")),
+            Expr::Bin(op, a, b) => {
+                let (a, b) = (a.eval(env)?, b.eval(env)?);
+                op.apply(a, b)
+                    .ok_or_else(|| anyhow!("integer overflow in {a} {} {b}", op.symbol()))
+            }
+        }
+    }
+
+    /// Value of an expression without variables.
+    pub fn value(&self) -> Result<i64> {
+        self.eval(&HashMap::new())
+    }
+
+    /// "(12+7)*3" — no spaces (the arithmetic prompts).
+    pub fn compact(&self) -> String {
+        self.print(false)
+    }
+
+    /// "(a + b) * c" — spaces around operators (the code language).
+    pub fn spaced(&self) -> String {
+        self.print(true)
+    }
+
+    fn print(&self, spaced: bool) -> String {
+        match self {
+            Expr::Num(n) => n.to_string(),
+            Expr::Var(v) => v.clone(),
+            Expr::Neg(e) => match **e {
+                Expr::Bin(..) => format!("-({})", e.print(spaced)),
+                _ => format!("-{}", e.print(spaced)),
+            },
+            Expr::Bin(op, a, b) => {
+                let wrap = |e: &Expr, right: bool| {
+                    let text = e.print(spaced);
+                    match e {
+                        // Parentheses only where they change the meaning:
+                        // a lower-precedence child, or a right child of `-`
+                        // with the same precedence ("a-(b+c)").
+                        Expr::Bin(child, ..)
+                            if child.precedence() < op.precedence()
+                                || (right
+                                    && *op == Op::Sub
+                                    && child.precedence() == op.precedence()) =>
+                        {
+                            format!("({text})")
+                        }
+                        _ => text,
+                    }
+                };
+                let sep = if spaced {
+                    format!(" {} ", op.symbol())
+                } else {
+                    op.symbol().to_string()
+                };
+                format!("{}{sep}{}", wrap(a, false), wrap(b, true))
+            }
+        }
+    }
+
+    /// The literals, left to right.
+    pub fn literals(&self) -> Vec<i64> {
+        match self {
+            Expr::Num(n) => vec![*n],
+            Expr::Var(_) => vec![],
+            Expr::Neg(e) => e.literals(),
+            Expr::Bin(_, a, b) => {
+                let mut out = a.literals();
+                out.extend(b.literals());
+                out
+            }
+        }
+    }
+
+    /// The same expression with each literal replaced by `names[i]`, in order.
+    pub fn with_names(&self, names: &[String]) -> Result<Expr> {
+        let mut next = 0;
+        let out = self.rename(names, &mut next)?;
+        if next != names.len() {
+            bail!("{} names for {next} literals", names.len());
+        }
+        Ok(out)
+    }
+
+    fn rename(&self, names: &[String], next: &mut usize) -> Result<Expr> {
+        Ok(match self {
+            Expr::Num(_) => {
+                let name = names
+                    .get(*next)
+                    .ok_or_else(|| anyhow!("more literals than names"))?;
+                *next += 1;
+                Expr::Var(name.clone())
+            }
+            Expr::Var(v) => Expr::Var(v.clone()),
+            Expr::Neg(e) => Expr::Neg(Box::new(e.rename(names, next)?)),
+            Expr::Bin(op, a, b) => Expr::bin(*op, a.rename(names, next)?, b.rename(names, next)?),
+        })
+    }
+}
+
+/// A random expression as described in the module doc.
+pub fn random_expr<R: Rng + ?Sized>(rng: &mut R) -> Expr {
+    const OPS: [Op; 3] = [Op::Add, Op::Sub, Op::Mul];
+    loop {
+        let op1 = OPS[rng.random_range(0..3)];
+        let expr = if rng.random_bool(0.4) {
+            let (a, b) = (operand(rng), operand(rng));
+            product_safe(rng, op1, a, b)
+        } else {
+            let op2 = OPS[rng.random_range(0..3)];
+            let (a, b, c) = (operand(rng), operand(rng), operand(rng));
+            if rng.random_bool(0.5) {
+                // (a op1 b) op2 c
+                let inner = product_safe(rng, op1, a, b);
+                product_safe(rng, op2, inner, c)
+            } else {
+                // a op1 (b op2 c)
+                let inner = product_safe(rng, op2, b, c);
+                product_safe(rng, op1, a, inner)
+            }
+        };
+        if acceptable(&expr) {
+            return expr;
+        }
+    }
+}
+
+fn operand<R: Rng + ?Sized>(rng: &mut R) -> Expr {
+    Expr::Num(rng.random_range(0..=99))
+}
+
+/// `a op b`, where for a product one literal side is redrawn as one digit.
+fn product_safe<R: Rng + ?Sized>(rng: &mut R, op: Op, a: Expr, b: Expr) -> Expr {
+    if op != Op::Mul {
+        return Expr::bin(op, a, b);
+    }
+    let digit = Expr::Num(rng.random_range(2..=9));
+    match (&a, &b) {
+        (Expr::Num(_), Expr::Num(_)) if rng.random_bool(0.5) => Expr::bin(op, digit, b),
+        (_, Expr::Num(_)) => Expr::bin(op, a, digit),
+        _ => Expr::bin(op, digit, b),
+    }
+}
+
+/// No negative intermediate value, value within range, products have a
+/// one-digit factor.
+fn acceptable(expr: &Expr) -> bool {
+    fn walk(e: &Expr) -> Option<i64> {
+        match e {
+            Expr::Num(n) => Some(*n),
+            Expr::Bin(op, a, b) => {
+                let (x, y) = (walk(a)?, walk(b)?);
+                if *op == Op::Mul && x > 9 && y > 9 {
+                    return None;
+                }
+                op.apply(x, y).filter(|v| (0..=MAX_VALUE).contains(v))
+            }
+            Expr::Var(_) | Expr::Neg(_) => None,
+        }
+    }
+    walk(expr).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn printing_uses_only_needed_parentheses() {
+        let n = Expr::Num;
+        let e = Expr::bin(Op::Mul, Expr::bin(Op::Add, n(12), n(7)), n(3));
+        assert_eq!(e.compact(), "(12+7)*3");
+        assert_eq!(e.value().unwrap(), 57);
+        let e = Expr::bin(Op::Sub, n(50), Expr::bin(Op::Sub, n(20), n(5)));
+        assert_eq!(e.compact(), "50-(20-5)");
+        assert_eq!(e.value().unwrap(), 35);
+        let e = Expr::bin(Op::Add, Expr::bin(Op::Mul, n(4), n(5)), n(1));
+        assert_eq!(e.spaced(), "4 * 5 + 1");
+    }
+
+    #[test]
+    fn random_expressions_respect_the_limits() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut saw_parens = false;
+        for _ in 0..2000 {
+            let e = random_expr(&mut rng);
+            let v = e.value().unwrap();
+            assert!((0..=MAX_VALUE).contains(&v), "{} = {v}", e.compact());
+            let lits = e.literals();
+            assert!((2..=3).contains(&lits.len()));
+            assert!(lits.iter().all(|l| (0..=99).contains(l)));
+            saw_parens |= e.compact().contains('(');
+        }
+        assert!(saw_parens);
+    }
+}
