@@ -22,7 +22,7 @@ use crate::model::decoder::{BatchInput, Decoder, LoraContext, SeqSlice};
 use crate::model::kv_cache::KvCache;
 use crate::routing::gate::{Gate, GATE_CONFIG_FILE};
 use crate::routing::mode::RoutingMode;
-use crate::routing::router::{GateSet, RowRoute, Router};
+use crate::routing::router::{GateSet, Router, RowRoute};
 
 /// A request's adapters, resolved to hot-set slots by the engine.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -51,9 +51,19 @@ impl AdapterSelection {
     fn route(&self, mode: RoutingMode, group: usize, gate_set: usize) -> RowRoute {
         match mode {
             RoutingMode::Base => RowRoute::default(),
-            RoutingMode::PerSequence => RowRoute { fixed: self.forced.clone(), gate_set: None },
+            RoutingMode::PerSequence => RowRoute {
+                fixed: self.forced.clone(),
+                gate_set: None,
+            },
             RoutingMode::SinglePass | RoutingMode::PerModalityPass => RowRoute {
-                fixed: self.modality.get(group).copied().flatten().map(|s| (s, 1.0)).into_iter().collect(),
+                fixed: self
+                    .modality
+                    .get(group)
+                    .copied()
+                    .flatten()
+                    .map(|s| (s, 1.0))
+                    .into_iter()
+                    .collect(),
                 gate_set: (group == 0 && !self.gate_set.is_empty()).then_some(gate_set),
             },
         }
@@ -99,7 +109,12 @@ pub struct ModelRunner {
 impl ModelRunner {
     pub fn new(decoder: Decoder, hot_set: HotSet, gate: Option<Gate>) -> Result<Self> {
         let vocab = decoder.config().vocab()?;
-        Ok(Self { decoder, vocab, hot_set, gate })
+        Ok(Self {
+            decoder,
+            vocab,
+            hot_set,
+            gate,
+        })
     }
 
     /// Number of KV caches a sequence needs in `mode`.
@@ -120,7 +135,11 @@ impl ModelRunner {
         for s in steps {
             let want = Self::caches_needed(s.mode, s.adapters);
             if s.caches.len() != want {
-                bail!("a {} sequence needs {want} KV caches, got {}", s.mode, s.caches.len());
+                bail!(
+                    "a {} sequence needs {want} KV caches, got {}",
+                    s.mode,
+                    s.caches.len()
+                );
             }
         }
         let num_passes = steps.iter().map(|s| s.caches.len()).max().unwrap_or(0);
@@ -130,7 +149,10 @@ impl ModelRunner {
         let mut row_layers = vec![0u64; self.hot_set.num_slots()];
         let mut rows_processed = 0;
         for pass in 0..num_passes {
-            let mut batch = BatchInput { tokens: vec![], seqs: vec![] };
+            let mut batch = BatchInput {
+                tokens: vec![],
+                seqs: vec![],
+            };
             let mut rows = vec![];
             let mut gate_sets = vec![];
             for s in steps.iter().filter(|s| pass < s.caches.len()) {
@@ -146,7 +168,10 @@ impl ModelRunner {
                     rows.push(s.adapters.route(s.mode, g, gs));
                 }
                 batch.tokens.extend_from_slice(s.tokens);
-                batch.seqs.push(SeqSlice { cache: s.caches[pass], rows: start..batch.tokens.len() });
+                batch.seqs.push(SeqSlice {
+                    cache: s.caches[pass],
+                    rows: start..batch.tokens.len(),
+                });
             }
             pass_offsets.push(rows_processed);
             rows_processed += batch.tokens.len();
@@ -168,7 +193,12 @@ impl ModelRunner {
     }
 
     /// Picks each token's row from the pass of its own group.
-    fn assemble(&self, steps: &[SeqStep<'_>], outputs: &[Tensor], pass_offsets: &[usize]) -> Result<Tensor> {
+    fn assemble(
+        &self,
+        steps: &[SeqStep<'_>],
+        outputs: &[Tensor],
+        pass_offsets: &[usize],
+    ) -> Result<Tensor> {
         if outputs.len() <= 1 {
             return Ok(outputs.first().cloned().unwrap_or(Tensor::zeros(
                 (0, self.decoder.config().hidden_size),
@@ -209,7 +239,12 @@ impl ModelRunner {
             .into_iter()
             .filter_map(|s| {
                 let n = row_layers[s.slot as usize];
-                (n > 0).then(|| (s.adapter.unwrap_or_else(|| format!("slot{}", s.slot)), n as f64 / layers))
+                (n > 0).then(|| {
+                    (
+                        s.adapter.unwrap_or_else(|| format!("slot{}", s.slot)),
+                        n as f64 / layers,
+                    )
+                })
             })
             .collect()
     }
@@ -246,7 +281,12 @@ impl ModelRunner {
             }
         }
         let gate = if model_dir.join(GATE_CONFIG_FILE).exists() {
-            Some(Gate::load(model_dir, cfg.num_hidden_layers, cfg.hidden_size, device)?)
+            Some(Gate::load(
+                model_dir,
+                cfg.num_hidden_layers,
+                cfg.hidden_size,
+                device,
+            )?)
         } else {
             None
         };
@@ -263,8 +303,12 @@ impl ModelRunner {
     /// Acquires every modality adapter and every gate expert present: what a
     /// request that names no adapters gets.
     pub fn default_selection(&mut self) -> Result<AdapterSelection> {
-        let names: Vec<Option<String>> =
-            self.vocab.modalities.iter().map(|m| self.modality_adapter(&m.name)).collect();
+        let names: Vec<Option<String>> = self
+            .vocab
+            .modalities
+            .iter()
+            .map(|m| self.modality_adapter(&m.name))
+            .collect();
         let mut modality = Vec::with_capacity(names.len());
         for n in names {
             modality.push(match n {
@@ -272,13 +316,21 @@ impl ModelRunner {
                 None => None,
             });
         }
-        let experts: Vec<String> = self.gate.as_ref().map(|g| g.config.experts.clone()).unwrap_or_default();
+        let experts: Vec<String> = self
+            .gate
+            .as_ref()
+            .map(|g| g.config.experts.clone())
+            .unwrap_or_default();
         let mut gate_set = vec![];
         for (i, e) in experts.iter().enumerate() {
             if self.hot_set.role_of(e).is_some() {
                 gate_set.push((i, self.hot_set.acquire(e)?));
             }
         }
-        Ok(AdapterSelection { modality, gate_set, forced: vec![] })
+        Ok(AdapterSelection {
+            modality,
+            gate_set,
+            forced: vec![],
+        })
     }
 }

@@ -59,7 +59,9 @@ impl Default for RandomModelSpec {
             extra_modalities: vec![],
             lora_rank: 16,
             lora_alpha: 32.0,
-            semantic_adapters: ["math", "code", "caption", "chat"].map(String::from).to_vec(),
+            semantic_adapters: ["math", "code", "caption", "chat"]
+                .map(String::from)
+                .to_vec(),
             gate_hidden: 64,
             gate_top_k: 2,
             max_position_embeddings: 1024,
@@ -79,16 +81,28 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
     // The specials sit at the start of the tokenizer's text range; the text
     // modality (what text mode may sample) starts after them.
     let specials = [layout.pad, layout.bos, layout.eos, layout.boi, layout.eoi];
-    let text_start = specials.iter().max().map_or(layout.text_range.start, |&s| s + 1);
+    let text_start = specials
+        .iter()
+        .max()
+        .map_or(layout.text_range.start, |&s| s + 1);
     let mut modalities = vec![
-        ModalitySpec { name: "text".into(), token_range: Some([text_start, layout.text_range.end]) },
-        ModalitySpec { name: "image".into(), token_range: Some([layout.image_range.start, layout.image_range.end]) },
+        ModalitySpec {
+            name: "text".into(),
+            token_range: Some([text_start, layout.text_range.end]),
+        },
+        ModalitySpec {
+            name: "image".into(),
+            token_range: Some([layout.image_range.start, layout.image_range.end]),
+        },
     ];
     let mut vocab_size = layout.vocab_size;
     for name in &spec.extra_modalities {
         let start = vocab_size as u32;
         vocab_size += spec.image_codes;
-        modalities.push(ModalitySpec { name: name.clone(), token_range: Some([start, vocab_size as u32]) });
+        modalities.push(ModalitySpec {
+            name: name.clone(),
+            token_range: Some([start, vocab_size as u32]),
+        });
     }
     let side = spec.image_grid_side;
     let cfg = Config {
@@ -121,7 +135,8 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
             image_grid: Some([side, side]),
         },
     };
-    cfg.validate().context("the random model spec gives an invalid config")?;
+    cfg.validate()
+        .context("the random model spec gives an invalid config")?;
     write_random_weights(dir, &cfg, spec.seed)?;
 
     let device = Device::Cpu;
@@ -130,7 +145,14 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
         .vocab()?
         .modalities
         .iter()
-        .map(|m| (m.name.clone(), AdapterRole::Modality { modality: m.name.clone() }))
+        .map(|m| {
+            (
+                m.name.clone(),
+                AdapterRole::Modality {
+                    modality: m.name.clone(),
+                },
+            )
+        })
         .chain(
             spec.semantic_adapters
                 .iter()
@@ -157,7 +179,14 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
             top_k: spec.gate_top_k,
             hidden_size: spec.gate_hidden,
         };
-        Gate::random(gate_cfg, spec.num_layers, spec.hidden_size, spec.seed ^ 0x9a7e, &device)?.save(dir)?;
+        Gate::random(
+            gate_cfg,
+            spec.num_layers,
+            spec.hidden_size,
+            spec.seed ^ 0x9a7e,
+            &device,
+        )?
+        .save(dir)?;
     }
     Ok(cfg)
 }

@@ -22,7 +22,12 @@ pub struct Flops {
 
 impl Flops {
     pub fn of(cfg: &Config, rank: usize, context: usize) -> Self {
-        let (d, i, l, v) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_hidden_layers as f64, cfg.vocab_size as f64);
+        let (d, i, l, v) = (
+            cfg.hidden_size as f64,
+            cfg.intermediate_size as f64,
+            cfg.num_hidden_layers as f64,
+            cfg.vocab_size as f64,
+        );
         let kv = (cfg.num_kv_heads() * cfg.head_dim()) as f64;
         let per_layer = d * d * 2.0 + d * kv * 2.0 + 3.0 * d * i;
         let matmul = l * per_layer + v * d; // + lm_head
@@ -79,6 +84,9 @@ impl Machine {
             best = best.min(t.elapsed().as_secs_f64());
         }
         let flops_per_s = 2.0 * (m * m * m) as f64 / best;
-        Ok(Machine { bytes_per_s, flops_per_s })
+        Ok(Machine {
+            bytes_per_s,
+            flops_per_s,
+        })
     }
 }

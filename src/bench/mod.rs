@@ -33,13 +33,23 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { quick: false, seq_len: 192, decode_steps: 32, repeats: 3 }
+        Self {
+            quick: false,
+            seq_len: 192,
+            decode_steps: 32,
+            repeats: 3,
+        }
     }
 }
 
 impl BenchOptions {
     pub fn quick() -> Self {
-        Self { quick: true, seq_len: 48, decode_steps: 4, repeats: 1 }
+        Self {
+            quick: true,
+            seq_len: 48,
+            decode_steps: 4,
+            repeats: 1,
+        }
     }
 
     fn spec(&self, k: usize) -> RandomModelSpec {
@@ -60,7 +70,11 @@ impl BenchOptions {
                 ..spec
             };
         }
-        spec.extra_modalities = ["audio", "video"].iter().take(k.saturating_sub(2)).map(|s| s.to_string()).collect();
+        spec.extra_modalities = ["audio", "video"]
+            .iter()
+            .take(k.saturating_sub(2))
+            .map(|s| s.to_string())
+            .collect();
         spec
     }
 }
@@ -104,23 +118,48 @@ struct ModelBench<'a> {
 }
 
 impl<'a> ModelBench<'a> {
-    fn open(model_dir: &std::path::Path, spec: &RandomModelSpec, opts: &'a BenchOptions) -> Result<Self> {
+    fn open(
+        model_dir: &std::path::Path,
+        spec: &RandomModelSpec,
+        opts: &'a BenchOptions,
+    ) -> Result<Self> {
         let adapters = 2 + spec.extra_modalities.len() + spec.semantic_adapters.len();
-        let hot = HotSetConfig { capacity: adapters, max_rank: spec.lora_rank };
-        let (mut runner, refused) = ModelRunner::load(model_dir, &model_dir.join(ADAPTERS_DIR), hot, &Device::Cpu)?;
+        let hot = HotSetConfig {
+            capacity: adapters,
+            max_rank: spec.lora_rank,
+        };
+        let (mut runner, refused) =
+            ModelRunner::load(model_dir, &model_dir.join(ADAPTERS_DIR), hot, &Device::Cpu)?;
         anyhow::ensure!(refused.is_empty(), "bench adapters refused: {refused:?}");
         let selection = runner.default_selection()?;
-        Ok(Self { runner, selection, base: AdapterSelection::default(), opts, spec: spec.clone() })
+        Ok(Self {
+            runner,
+            selection,
+            base: AdapterSelection::default(),
+            opts,
+            spec: spec.clone(),
+        })
     }
 
     fn sequences(&self, batch: usize, k: usize) -> Vec<Vec<u32>> {
-        (0..batch).map(|i| interleaved_sequence(&self.runner.vocab, k, self.opts.seq_len, i as u64)).collect()
+        (0..batch)
+            .map(|i| interleaved_sequence(&self.runner.vocab, k, self.opts.seq_len, i as u64))
+            .collect()
     }
 
-    fn caches(&self, mode: RoutingMode, sel: &AdapterSelection, batch: usize) -> Result<(Vec<KvCache>, Vec<Vec<usize>>)> {
+    fn caches(
+        &self,
+        mode: RoutingMode,
+        sel: &AdapterSelection,
+        batch: usize,
+    ) -> Result<(Vec<KvCache>, Vec<Vec<usize>>)> {
         let per = ModelRunner::caches_needed(mode, sel);
-        let pool = (0..batch * per).map(|_| self.runner.new_cache()).collect::<Result<Vec<_>>>()?;
-        let ids = (0..batch).map(|b| (b * per..(b + 1) * per).collect()).collect();
+        let pool = (0..batch * per)
+            .map(|_| self.runner.new_cache())
+            .collect::<Result<Vec<_>>>()?;
+        let ids = (0..batch)
+            .map(|b| (b * per..(b + 1) * per).collect())
+            .collect();
         Ok((pool, ids))
     }
 
@@ -140,12 +179,22 @@ impl<'a> ModelBench<'a> {
         Ok(tokens as f64 / best.as_secs_f64())
     }
 
-    fn time_prefill(&self, mode: RoutingMode, sel: &AdapterSelection, seqs: &[Vec<u32>]) -> Result<(Duration, usize)> {
+    fn time_prefill(
+        &self,
+        mode: RoutingMode,
+        sel: &AdapterSelection,
+        seqs: &[Vec<u32>],
+    ) -> Result<(Duration, usize)> {
         let (mut pool, ids) = self.caches(mode, sel, seqs.len())?;
         let steps: Vec<SeqStep> = seqs
             .iter()
             .zip(&ids)
-            .map(|(s, c)| SeqStep { tokens: s, mode, adapters: sel, caches: c })
+            .map(|(s, c)| SeqStep {
+                tokens: s,
+                mode,
+                adapters: sel,
+                caches: c,
+            })
             .collect();
         let start = Instant::now();
         self.runner.forward(&steps, &mut pool)?;
@@ -155,13 +204,23 @@ impl<'a> ModelBench<'a> {
     /// Prefills all but the last `decode_steps` tokens, then times decoding
     /// those one token per sequence per step (teacher-forced, so the
     /// modalities keep interleaving).
-    fn time_decode(&self, mode: RoutingMode, sel: &AdapterSelection, seqs: &[Vec<u32>]) -> Result<(Duration, usize)> {
+    fn time_decode(
+        &self,
+        mode: RoutingMode,
+        sel: &AdapterSelection,
+        seqs: &[Vec<u32>],
+    ) -> Result<(Duration, usize)> {
         let (mut pool, ids) = self.caches(mode, sel, seqs.len())?;
         let prefix = self.opts.seq_len - self.opts.decode_steps;
         let steps: Vec<SeqStep> = seqs
             .iter()
             .zip(&ids)
-            .map(|(s, c)| SeqStep { tokens: &s[..prefix], mode, adapters: sel, caches: c })
+            .map(|(s, c)| SeqStep {
+                tokens: &s[..prefix],
+                mode,
+                adapters: sel,
+                caches: c,
+            })
             .collect();
         self.runner.forward(&steps, &mut pool)?;
         let start = Instant::now();
@@ -169,7 +228,12 @@ impl<'a> ModelBench<'a> {
             let steps: Vec<SeqStep> = seqs
                 .iter()
                 .zip(&ids)
-                .map(|(s, c)| SeqStep { tokens: &s[pos..pos + 1], mode, adapters: sel, caches: c })
+                .map(|(s, c)| SeqStep {
+                    tokens: &s[pos..pos + 1],
+                    mode,
+                    adapters: sel,
+                    caches: c,
+                })
                 .collect();
             self.runner.forward(&steps, &mut pool)?;
         }
@@ -185,10 +249,17 @@ impl<'a> ModelBench<'a> {
             let (t, tokens) = self.time_decode(RoutingMode::Base, &self.base, &seqs)?;
             t_base = t_base.min(t);
             n = tokens;
-            t_routed = t_routed.min(self.time_decode(RoutingMode::SinglePass, &self.selection, &seqs)?.0);
+            t_routed = t_routed.min(
+                self.time_decode(RoutingMode::SinglePass, &self.selection, &seqs)?
+                    .0,
+            );
         }
         let adapters_per_token = self.adapters_per_token(&seqs)?;
-        let flops = floor::Flops::of(self.runner.decoder.config(), self.spec.lora_rank, self.opts.seq_len);
+        let flops = floor::Flops::of(
+            self.runner.decoder.config(),
+            self.spec.lora_rank,
+            self.opts.seq_len,
+        );
         let arithmetic = 1.0 + adapters_per_token * flops.lora_per_adapter / flops.base_per_token;
         let measured = t_routed.as_secs_f64() / t_base.as_secs_f64();
         Ok(json!({
@@ -209,7 +280,12 @@ impl<'a> ModelBench<'a> {
         let steps: Vec<SeqStep> = seqs
             .iter()
             .zip(&ids)
-            .map(|(s, c)| SeqStep { tokens: &s[prefix..], mode: RoutingMode::SinglePass, adapters: &self.selection, caches: c })
+            .map(|(s, c)| SeqStep {
+                tokens: &s[prefix..],
+                mode: RoutingMode::SinglePass,
+                adapters: &self.selection,
+                caches: c,
+            })
             .collect();
         let out = self.runner.forward(&steps, &mut pool)?;
         let assigned: f64 = out.report.rows_per_adapter.values().sum();
@@ -230,7 +306,8 @@ impl<'a> ModelBench<'a> {
         let cfg = self.runner.decoder.config();
         let flops = floor::Flops::of(cfg, self.spec.lora_rank, self.opts.seq_len);
         let machine = floor::Machine::measure(flops.weight_bytes)?;
-        let floor_s = (flops.bytes_per_token / machine.bytes_per_s).max(flops.base_per_token / machine.flops_per_s);
+        let floor_s = (flops.bytes_per_token / machine.bytes_per_s)
+            .max(flops.base_per_token / machine.flops_per_s);
         Ok(json!({
             "bench": "decode_floor", "batch": 1, "tok_s": tok_s, "floor_tok_s": 1.0 / floor_s,
             "bytes_per_token": flops.bytes_per_token, "flops_per_token": flops.base_per_token,
@@ -243,22 +320,47 @@ impl<'a> ModelBench<'a> {
 /// Prints the rows as human-readable tables.
 pub fn print_tables(rows: &[Value]) {
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     println!("single_pass vs per_modality_pass (interleaved sequences; target ratio >= 0.9 K)");
-    println!("{:>3} {:>8} {:>6} {:>18} {:>24} {:>7} {:>7}", "K", "phase", "batch", "single_pass tok/s", "per_modality_pass tok/s", "ratio", "target");
+    println!(
+        "{:>3} {:>8} {:>6} {:>18} {:>24} {:>7} {:>7}",
+        "K", "phase", "batch", "single_pass tok/s", "per_modality_pass tok/s", "ratio", "target"
+    );
     for r in rows.iter().filter(|r| r["bench"] == "modes") {
         println!(
             "{:>3} {:>8} {:>6} {:>18.0} {:>24.0} {:>7.2} {:>7.2}",
-            r["k"], r["phase"].as_str().unwrap_or(""), r["batch"], f(r, "single_pass_tok_s"),
-            f(r, "per_modality_pass_tok_s"), f(r, "ratio"), f(r, "target_ratio")
+            u(r, "k"),
+            r["phase"].as_str().unwrap_or(""),
+            u(r, "batch"),
+            f(r, "single_pass_tok_s"),
+            f(r, "per_modality_pass_tok_s"),
+            f(r, "ratio"),
+            f(r, "target_ratio")
         );
     }
     println!("\nrouted LoRA (modality adapter + top-2 gate) over base, decode");
-    println!("{:>6} {:>11} {:>13} {:>9} {:>11} {:>10} {:>8} {:>7}", "batch", "base tok/s", "routed tok/s", "measured", "arithmetic", "adapters/t", "meas/ari", "target");
+    println!(
+        "{:>6} {:>11} {:>13} {:>9} {:>11} {:>10} {:>8} {:>7}",
+        "batch",
+        "base tok/s",
+        "routed tok/s",
+        "measured",
+        "arithmetic",
+        "adapters/t",
+        "meas/ari",
+        "target"
+    );
     for r in rows.iter().filter(|r| r["bench"] == "lora_overhead") {
         println!(
             "{:>6} {:>11.0} {:>13.0} {:>9.3} {:>11.3} {:>10.2} {:>8.3} {:>7.2}",
-            r["batch"], f(r, "base_tok_s"), f(r, "routed_tok_s"), f(r, "measured_ratio"),
-            f(r, "arithmetic_ratio"), f(r, "adapters_per_token"), f(r, "measured_over_arithmetic"), f(r, "target")
+            u(r, "batch"),
+            f(r, "base_tok_s"),
+            f(r, "routed_tok_s"),
+            f(r, "measured_ratio"),
+            f(r, "arithmetic_ratio"),
+            f(r, "adapters_per_token"),
+            f(r, "measured_over_arithmetic"),
+            f(r, "target")
         );
     }
     println!("\nbatch-1 decode against the floor (no adapters)");

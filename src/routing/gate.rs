@@ -59,10 +59,12 @@ impl Gate {
             bail!("the gate lists no experts");
         }
         let e = config.experts.len();
-        let d = vb.get_unchecked_dtype("layers.0.fc1.weight", DType::F32).or_else(|_| {
-            vb.get_unchecked_dtype("layers.0.proj.weight", DType::F32)
-        });
-        let d = d.context("no layers.0.fc1.weight or layers.0.proj.weight")?.dim(1)?;
+        let d = vb
+            .get_unchecked_dtype("layers.0.fc1.weight", DType::F32)
+            .or_else(|_| vb.get_unchecked_dtype("layers.0.proj.weight", DType::F32));
+        let d = d
+            .context("no layers.0.fc1.weight or layers.0.proj.weight")?
+            .dim(1)?;
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
             let vb = vb.pp(format!("layers.{i}"));
@@ -70,9 +72,15 @@ impl Gate {
                 let h = config.hidden_size;
                 let fc1 = (vb.get((h, d), "fc1.weight")?, vb.get(h, "fc1.bias")?);
                 let fc2 = (vb.get((e, h), "fc2.weight")?, vb.get(e, "fc2.bias")?);
-                GateLayer { fc1: Some(fc1), out: fc2 }
+                GateLayer {
+                    fc1: Some(fc1),
+                    out: fc2,
+                }
             } else {
-                GateLayer { fc1: None, out: (vb.get((e, d), "proj.weight")?, vb.get(e, "proj.bias")?) }
+                GateLayer {
+                    fc1: None,
+                    out: (vb.get((e, d), "proj.weight")?, vb.get(e, "proj.bias")?),
+                }
             };
             layers.push(layer);
         }
@@ -80,7 +88,12 @@ impl Gate {
     }
 
     /// Loads `gate_config.json` + `gate.safetensors` from `dir`.
-    pub fn load(dir: &Path, num_layers: usize, hidden_size: usize, device: &Device) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        num_layers: usize,
+        hidden_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let cfg_path = dir.join(GATE_CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path)
             .with_context(|| format!("{}: cannot read gate config", cfg_path.display()))?;
@@ -94,13 +107,22 @@ impl Gate {
             .with_context(|| format!("{}: invalid gate", weights.display()))?;
         let d = gate.input_size();
         if d != hidden_size {
-            bail!("{}: gate input size {d} does not match the model's hidden_size {hidden_size}", weights.display());
+            bail!(
+                "{}: gate input size {d} does not match the model's hidden_size {hidden_size}",
+                weights.display()
+            );
         }
         Ok(gate)
     }
 
     /// A deterministic random gate (for random models and tests).
-    pub fn random(config: GateConfig, num_layers: usize, hidden: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn random(
+        config: GateConfig,
+        num_layers: usize,
+        hidden: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let tensors = random_tensors(&config, num_layers, hidden, seed, device)?;
         let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, device);
         Self::new(config, num_layers, vb)
@@ -124,7 +146,10 @@ impl Gate {
             }
         }
         candle_core::safetensors::save(&map, dir.join(GATE_WEIGHTS_FILE))?;
-        std::fs::write(dir.join(GATE_CONFIG_FILE), serde_json::to_string_pretty(&self.config)?)?;
+        std::fs::write(
+            dir.join(GATE_CONFIG_FILE),
+            serde_json::to_string_pretty(&self.config)?,
+        )?;
         Ok(())
     }
 
@@ -165,8 +190,14 @@ pub fn top_k_renormalised(scores: &[f32], allowed: &[usize], k: usize) -> Picks 
     if allowed.is_empty() {
         return vec![];
     }
-    let max = allowed.iter().map(|&e| scores[e]).fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f32)> = allowed.iter().map(|&e| (e, (scores[e] - max).exp())).collect();
+    let max = allowed
+        .iter()
+        .map(|&e| scores[e])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f32)> = allowed
+        .iter()
+        .map(|&e| (e, (scores[e] - max).exp()))
+        .collect();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     probs.truncate(k.max(1));
     let sum: f32 = probs.iter().map(|p| p.1).sum();
@@ -187,7 +218,9 @@ fn random_tensors(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut t = |shape: &[usize], std: f32| -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std)
+            .collect();
         Ok(Tensor::from_vec(v, shape, device)?)
     };
     let e = config.experts.len();
@@ -195,12 +228,21 @@ fn random_tensors(
     for i in 0..num_layers {
         if config.hidden_size > 0 {
             let h = config.hidden_size;
-            out.push((format!("layers.{i}.fc1.weight"), t(&[h, hidden], 1.0 / (hidden as f32).sqrt())?));
+            out.push((
+                format!("layers.{i}.fc1.weight"),
+                t(&[h, hidden], 1.0 / (hidden as f32).sqrt())?,
+            ));
             out.push((format!("layers.{i}.fc1.bias"), t(&[h], 0.1)?));
-            out.push((format!("layers.{i}.fc2.weight"), t(&[e, h], 1.0 / (h as f32).sqrt())?));
+            out.push((
+                format!("layers.{i}.fc2.weight"),
+                t(&[e, h], 1.0 / (h as f32).sqrt())?,
+            ));
             out.push((format!("layers.{i}.fc2.bias"), t(&[e], 0.1)?));
         } else {
-            out.push((format!("layers.{i}.proj.weight"), t(&[e, hidden], 1.0 / (hidden as f32).sqrt())?));
+            out.push((
+                format!("layers.{i}.proj.weight"),
+                t(&[e, hidden], 1.0 / (hidden as f32).sqrt())?,
+            ));
             out.push((format!("layers.{i}.proj.bias"), t(&[e], 0.1)?));
         }
     }
@@ -227,7 +269,11 @@ mod tests {
     #[test]
     fn gate_round_trips_through_files() {
         let dev = Device::Cpu;
-        let cfg = GateConfig { experts: vec!["math".into(), "code".into(), "caption".into()], top_k: 2, hidden_size: 8 };
+        let cfg = GateConfig {
+            experts: vec!["math".into(), "code".into(), "caption".into()],
+            top_k: 2,
+            hidden_size: 8,
+        };
         let gate = Gate::random(cfg, 2, 16, 7, &dev).unwrap();
         let dir = tempfile::tempdir().unwrap();
         gate.save(dir.path()).unwrap();
@@ -236,6 +282,9 @@ mod tests {
         let a = gate.scores(1, &x).unwrap().to_vec2::<f32>().unwrap();
         let b = back.scores(1, &x).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(a, b);
-        assert!(Gate::load(dir.path(), 2, 32, &dev).unwrap_err().to_string().contains("hidden_size"));
+        assert!(Gate::load(dir.path(), 2, 32, &dev)
+            .unwrap_err()
+            .to_string()
+            .contains("hidden_size"));
     }
 }

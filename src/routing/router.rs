@@ -49,7 +49,12 @@ pub struct Router<'a> {
 }
 
 impl<'a> Router<'a> {
-    pub fn new(hot_set: &'a HotSet, gate: Option<&'a Gate>, rows: Vec<RowRoute>, gate_sets: Vec<GateSet>) -> Self {
+    pub fn new(
+        hot_set: &'a HotSet,
+        gate: Option<&'a Gate>,
+        rows: Vec<RowRoute>,
+        gate_sets: Vec<GateSet>,
+    ) -> Self {
         let plans = match gate {
             Some(gate) if rows.iter().any(|r| r.gate_set.is_some()) => PlanSource::Gated(gate),
             _ => {
@@ -61,7 +66,13 @@ impl<'a> Router<'a> {
             }
         };
         let slots = hot_set.num_slots();
-        Self { hot_set, rows, gate_sets, plans, row_layers: RefCell::new(vec![0; slots]) }
+        Self {
+            hot_set,
+            rows,
+            gate_sets,
+            plans,
+            row_layers: RefCell::new(vec![0; slots]),
+        }
     }
 
     /// Whether any row has an adapter at all (else the pass needs no router).
@@ -74,7 +85,12 @@ impl<'a> Router<'a> {
         self.row_layers.borrow().clone()
     }
 
-    fn plan_with_gate(&self, gate: &Gate, layer: usize, x: &Tensor) -> candle_core::Result<RoutingPlan> {
+    fn plan_with_gate(
+        &self,
+        gate: &Gate,
+        layer: usize,
+        x: &Tensor,
+    ) -> candle_core::Result<RoutingPlan> {
         let gated: Vec<u32> = (0..self.rows.len() as u32)
             .filter(|&i| self.rows[i as usize].gate_set.is_some())
             .collect();
@@ -85,7 +101,8 @@ impl<'a> Router<'a> {
         };
         let scores = gate.scores(layer, &xs)?.flatten_all()?.to_vec1::<f32>()?;
         let e = gate.num_experts();
-        let mut plan = RoutingPlan::with_capacity(self.rows.len(), self.rows.len() * (1 + gate.config.top_k));
+        let mut plan =
+            RoutingPlan::with_capacity(self.rows.len(), self.rows.len() * (1 + gate.config.top_k));
         let mut next_gated = 0;
         let mut allowed = Vec::with_capacity(e);
         for row in &self.rows {
@@ -98,7 +115,9 @@ impl<'a> Router<'a> {
                     next_gated += 1;
                     gate.pick(s, &allowed)
                         .into_iter()
-                        .map(|(expert, w)| (set.iter().find(|p| p.0 == expert).map_or(0, |p| p.1), w))
+                        .map(|(expert, w)| {
+                            (set.iter().find(|p| p.0 == expert).map_or(0, |p| p.1), w)
+                        })
                         .collect()
                 }
                 None => vec![],
@@ -113,7 +132,9 @@ impl LoraContext for Router<'_> {
     fn layer_plan(&self, layer: usize, x: &Tensor) -> candle_core::Result<Option<GroupedPlan>> {
         let plan = match &self.plans {
             PlanSource::Static(p) => p.clone(),
-            PlanSource::Gated(gate) => self.plan_with_gate(gate, layer, x)?.grouped(self.hot_set.num_slots()),
+            PlanSource::Gated(gate) => self
+                .plan_with_gate(gate, layer, x)?
+                .grouped(self.hot_set.num_slots()),
         };
         let mut counts = self.row_layers.borrow_mut();
         for (slot, rows, _) in plan.active_slots() {
