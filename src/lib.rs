@@ -5,5 +5,6 @@
 
 pub mod adapters;
 pub mod dispatch;
+pub mod engine;
 pub mod model;
 pub mod routing;
