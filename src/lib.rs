@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod dispatch;
+pub mod engine;
 pub mod engine_runner;
 pub mod model;
 pub mod random_model;
