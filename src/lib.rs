@@ -7,3 +7,4 @@ pub mod adapters;
 pub mod dispatch;
 pub mod model;
 pub mod routing;
+pub mod train;

@@ -2,3 +2,4 @@
 //! model directory's config.
 
 pub mod config;
+pub mod vq;

@@ -1,0 +1,3 @@
+//! Training: procedural data and the training loops of each stage.
+
+pub mod vq_train;
