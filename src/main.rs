@@ -10,7 +10,11 @@ use molora::bench::{self, BenchOptions};
 use molora::random_model::{write_random_model, RandomModelSpec};
 
 #[derive(Parser)]
-#[command(name = "molora", version, about = "Multimodal generation with per-token adapter routing")]
+#[command(
+    name = "molora",
+    version,
+    about = "Multimodal generation with per-token adapter routing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +73,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match try_main(Cli::parse()) {
@@ -122,11 +128,22 @@ fn try_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench { json, quick, seq_len, decode_steps, repeats } => {
+        Command::Bench {
+            json,
+            quick,
+            seq_len,
+            decode_steps,
+            repeats,
+        } => {
             let opts = if quick {
                 BenchOptions::quick()
             } else {
-                BenchOptions { quick: false, seq_len, decode_steps, repeats }
+                BenchOptions {
+                    quick: false,
+                    seq_len,
+                    decode_steps,
+                    repeats,
+                }
             };
             anyhow::ensure!(
                 opts.decode_steps < opts.seq_len,
