@@ -24,7 +24,10 @@ pub struct CachePool {
 
 impl CachePool {
     pub fn new() -> Self {
-        Self { caches: Vec::new(), free: Vec::new() }
+        Self {
+            caches: Vec::new(),
+            free: Vec::new(),
+        }
     }
 
     /// Lends `n` empty caches.

@@ -27,8 +27,8 @@ use tokenizers::Tokenizer;
 
 use super::cache_pool::CachePool;
 use super::handle::{
-    AdapterCommand, AdapterInfo, AdapterReply, EngineConfig, EngineHandle, EngineStats, Message, ModalityInfo,
-    ModelAdapter, ModelInfo, Shared, VocabSummary,
+    AdapterCommand, AdapterInfo, AdapterReply, EngineConfig, EngineHandle, EngineStats, Message,
+    ModalityInfo, ModelAdapter, ModelInfo, Shared, VocabSummary,
 };
 use super::scheduler::{plan_step, release, resolve_adapters, Admission, Entry, Pending, Queue};
 use super::sequence::{NewSequence, Prepared, Progress, Resolved, Sequence, TokenContext, Twin};
@@ -69,8 +69,15 @@ impl Drop for StopGuard {
 impl Engine {
     /// Spawns the engine thread, which owns `runner`, and returns its handle.
     /// `max_context` is capped at the model's `max_position_embeddings`.
-    pub fn start(runner: ModelRunner, tokenizer: Tokenizer, vq: Option<VqModel>, mut cfg: EngineConfig) -> EngineHandle {
-        cfg.max_context = cfg.max_context.min(runner.decoder.config().max_position_embeddings);
+    pub fn start(
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        vq: Option<VqModel>,
+        mut cfg: EngineConfig,
+    ) -> EngineHandle {
+        cfg.max_context = cfg
+            .max_context
+            .min(runner.decoder.config().max_position_embeddings);
         cfg.max_batch_size = cfg.max_batch_size.max(1);
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::new(cfg, model_info(&runner, vq.is_some())));
@@ -87,10 +94,12 @@ impl Engine {
             stats: EngineStats::default(),
         };
         let guard = StopGuard(shared.clone());
-        let spawned = std::thread::Builder::new().name("molora-engine".into()).spawn(move || {
-            let _guard = guard;
-            engine.run();
-        });
+        let spawned = std::thread::Builder::new()
+            .name("molora-engine".into())
+            .spawn(move || {
+                let _guard = guard;
+                engine.run();
+            });
         if let Err(e) = spawned {
             tracing::error!("cannot start the engine thread: {e}");
             shared.stopped.store(true, Ordering::Release);
@@ -157,9 +166,12 @@ impl Engine {
     /// Moves waiting requests into the running batch while it has room.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_batch_size {
-            let Some(front) = self.queue.front() else { break };
+            let Some(front) = self.queue.front() else {
+                break;
+            };
             // Cheap checks first; adapters and caches only for a good prompt.
-            let prepared = Sequence::check_prompt(&front.req.prompt, &self.runner.vocab, self.cfg.max_context);
+            let prepared =
+                Sequence::check_prompt(&front.req.prompt, &self.runner.vocab, self.cfg.max_context);
             let admission = match &prepared {
                 Ok(_) => resolve_adapters(&mut self.runner, &front.req.adapters, front.req.mode),
                 Err(e) => Admission::Refuse(format!("{e:#}")),
@@ -173,7 +185,9 @@ impl Engine {
                 Admission::Wait => break,
                 Admission::Refuse(why) => Err(why),
             };
-            let Some(entry) = self.queue.pop_front() else { break };
+            let Some(entry) = self.queue.pop_front() else {
+                break;
+            };
             self.shared.left_queue(1);
             let started = match (resolved, prepared) {
                 (Ok(r), Ok(p)) => self.start_sequence(entry, p, r),
@@ -195,7 +209,12 @@ impl Engine {
 
     /// Gives an admitted request its caches and builds its sequence; on
     /// failure releases what it took and hands the entry back with the reason.
-    fn start_sequence(&mut self, entry: Entry, prepared: Prepared, adapters: Resolved) -> Result<Sequence, (Entry, String)> {
+    fn start_sequence(
+        &mut self,
+        entry: Entry,
+        prepared: Prepared,
+        adapters: Resolved,
+    ) -> Result<Sequence, (Entry, String)> {
         let n = ModelRunner::caches_needed(entry.req.mode, &adapters.selection);
         let caches = match self.pool.alloc(n, &self.runner) {
             Ok(c) => c,
@@ -212,7 +231,14 @@ impl Engine {
             preview_every: entry.req.preview_every,
             enqueued: entry.enqueued,
         };
-        let mut seq = Sequence::start(new, prepared, adapters, caches, self.tokenizer.clone(), &self.runner.vocab);
+        let mut seq = Sequence::start(
+            new,
+            prepared,
+            adapters,
+            caches,
+            self.tokenizer.clone(),
+            &self.runner.vocab,
+        );
         seq.set_queue_time(Instant::now());
         if let Err(e) = sync_twin(&mut self.pool, &self.runner, &mut seq) {
             self.retire(&seq);
@@ -255,7 +281,11 @@ impl Engine {
     fn fail_all(&mut self, seqs: &[usize], err: &anyhow::Error) {
         tracing::error!("engine step failed: {err:#}");
         let why = format!("generation failed: {err:#}");
-        self.end(seqs.iter().map(|&i| (i, Progress::Failed(why.clone()))).collect());
+        self.end(
+            seqs.iter()
+                .map(|&i| (i, Progress::Failed(why.clone())))
+                .collect(),
+        );
     }
 
     /// Publishes the counters to the handles.
@@ -273,8 +303,13 @@ impl Engine {
 fn sync_twin(pool: &mut CachePool, runner: &ModelRunner, seq: &mut Sequence) -> Result<(), String> {
     let wants = seq.wants_twin(&runner.vocab);
     if wants && seq.twin.is_none() {
-        let caches = pool.alloc(seq.caches.len(), runner).map_err(|e| format!("{e:#}"))?;
-        seq.twin = Some(Twin { caches, pending: seq.twin_prefix(&runner.vocab) });
+        let caches = pool
+            .alloc(seq.caches.len(), runner)
+            .map_err(|e| format!("{e:#}"))?;
+        seq.twin = Some(Twin {
+            caches,
+            pending: seq.twin_prefix(&runner.vocab),
+        });
     } else if !wants {
         if let Some(twin) = seq.twin.take() {
             pool.release(&twin.caches, runner);
@@ -290,7 +325,10 @@ impl Engine {
         let pending: Vec<Pending> = self
             .running
             .iter()
-            .map(|s| Pending { cond: s.pending.len(), twin: s.twin.as_ref().map(|t| t.pending.len()) })
+            .map(|s| Pending {
+                cond: s.pending.len(),
+                twin: s.twin.as_ref().map(|t| t.pending.len()),
+            })
             .collect();
         let takes = plan_step(&pending, self.cfg.max_batch_tokens);
 
@@ -301,10 +339,18 @@ impl Engine {
         for t in &takes {
             let s = &self.running[t.seq];
             let sides = [(false, t.cond, &s.pending, &s.caches)];
-            let twin = s.twin.as_ref().map(|tw| (true, t.twin, &tw.pending, &tw.caches));
+            let twin = s
+                .twin
+                .as_ref()
+                .map(|tw| (true, t.twin, &tw.pending, &tw.caches));
             for (is_twin, n, tokens, caches) in sides.into_iter().chain(twin) {
                 if n > 0 {
-                    steps.push(SeqStep { tokens: &tokens[..n], mode: s.mode, adapters: &s.adapters.selection, caches });
+                    steps.push(SeqStep {
+                        tokens: &tokens[..n],
+                        mode: s.mode,
+                        adapters: &s.adapters.selection,
+                        caches,
+                    });
                     spans.push((t.seq, is_twin, row, n));
                     row += n;
                 }
@@ -322,8 +368,15 @@ impl Engine {
         let mut last_rows: Vec<LastRows> = Vec::new();
         for (k, &(seq, is_twin, start, n)) in spans.iter().enumerate() {
             let s = &mut self.running[seq];
-            s.record_step(&out.report.per_seq[k], if is_twin { 0.0 } else { forward_ms });
-            let side = if is_twin { &mut s.twin.as_mut().expect("twin span").pending } else { &mut s.pending };
+            s.record_step(
+                &out.report.per_seq[k],
+                if is_twin { 0.0 } else { forward_ms },
+            );
+            let side = if is_twin {
+                &mut s.twin.as_mut().expect("twin span").pending
+            } else {
+                &mut s.pending
+            };
             side.drain(..n);
             if side.is_empty() {
                 let end = start + n - 1;
@@ -351,7 +404,12 @@ impl Engine {
 
     /// Samples every sequence in `last_rows` from one logits call, streams
     /// the tokens and retires the sequences that ended.
-    fn sample_all(&mut self, hidden: &Tensor, top_picks: &[SlotId], last_rows: &[LastRows]) -> Result<()> {
+    fn sample_all(
+        &mut self,
+        hidden: &Tensor,
+        top_picks: &[SlotId],
+        last_rows: &[LastRows],
+    ) -> Result<()> {
         if last_rows.is_empty() {
             return Ok(());
         }
@@ -371,7 +429,9 @@ impl Engine {
             let (own, rest) = logits[at * vocab_size..].split_at_mut(vocab_size);
             let uncond = twin_row.map(|_| &rest[..vocab_size]);
             at += 1 + usize::from(twin_row.is_some());
-            let pick = cond_row.and_then(|r| top_picks.get(r).copied()).unwrap_or(NULL_SLOT);
+            let pick = cond_row
+                .and_then(|r| top_picks.get(r).copied())
+                .unwrap_or(NULL_SLOT);
             let mut ctx = TokenContext {
                 vocab: &self.runner.vocab,
                 vq: self.vq.as_ref(),
@@ -435,7 +495,11 @@ impl Engine {
     /// Reads `<adapter_dir>/<name>`, validates it against the model, registers
     /// it (replacing an idle adapter of that name) and makes it hot.
     fn load_adapter(&mut self, name: &str) -> Result<SlotId> {
-        let root = self.runner.adapter_dir.clone().ok_or_else(|| anyhow!("no adapter folder is configured"))?;
+        let root = self
+            .runner
+            .adapter_dir
+            .clone()
+            .ok_or_else(|| anyhow!("no adapter folder is configured"))?;
         let dir = resolve_adapter_dir(&root, name)?;
         let cfg = self.runner.decoder.config().clone();
         let mut adapter = LoraAdapter::load(&dir, &cfg, self.runner.decoder.device())
@@ -466,7 +530,11 @@ impl Engine {
     }
 
     fn check_idle(&self, name: &str, what: &str) -> Result<()> {
-        let users = self.running.iter().filter(|s| s.adapters.acquired.iter().any(|a| a == name)).count();
+        let users = self
+            .running
+            .iter()
+            .filter(|s| s.adapters.acquired.iter().any(|a| a == name))
+            .count();
         if users > 0 {
             return Err(anyhow!(
                 "adapter {name:?} is in use by {users} running request(s) and cannot be {what} now; retry when they finish"
@@ -495,7 +563,11 @@ fn model_info(runner: &ModelRunner, has_vq: bool) -> ModelInfo {
         modalities: v
             .modalities
             .iter()
-            .map(|m| ModalityInfo { name: m.name.clone(), start: m.range.start, end: m.range.end })
+            .map(|m| ModalityInfo {
+                name: m.name.clone(),
+                start: m.range.start,
+                end: m.range.end,
+            })
             .collect(),
         bos: v.bos,
         eos: v.eos,
@@ -510,13 +582,22 @@ fn model_info(runner: &ModelRunner, has_vq: bool) -> ModelInfo {
         .into_iter()
         .filter_map(|n| {
             let a = hot.adapter(&n)?;
-            Some(ModelAdapter { role: a.role().clone(), rank: a.rank(), parent: name.clone(), name: n })
+            Some(ModelAdapter {
+                role: a.role().clone(),
+                rank: a.rank(),
+                parent: name.clone(),
+                name: n,
+            })
         })
         .collect();
     ModelInfo {
         vocab,
         adapters,
-        gate_experts: runner.gate.as_ref().map(|g| g.config.experts.clone()).unwrap_or_default(),
+        gate_experts: runner
+            .gate
+            .as_ref()
+            .map(|g| g.config.experts.clone())
+            .unwrap_or_default(),
         has_vq,
         hot_set_capacity: hot.config().capacity,
         name,

@@ -42,7 +42,12 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_size: 16, max_queue: 256, max_batch_tokens: 512, max_context: 1024 }
+        Self {
+            max_batch_size: 16,
+            max_queue: 256,
+            max_batch_tokens: 512,
+            max_context: 1024,
+        }
     }
 }
 
@@ -148,7 +153,11 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// Checks a request's adapter names against this catalog.
-    pub fn check_adapters(&self, req: &AdapterRequest, mode: RoutingMode) -> Result<(), SubmitError> {
+    pub fn check_adapters(
+        &self,
+        req: &AdapterRequest,
+        mode: RoutingMode,
+    ) -> Result<(), SubmitError> {
         let known = |name: &String| -> Result<(), SubmitError> {
             if self.adapters.iter().any(|a| &a.name == name) {
                 Ok(())
@@ -160,7 +169,12 @@ impl ModelInfo {
         if let Some(map) = &req.modality {
             for (modality, adapter) in map {
                 if !self.vocab.modalities.iter().any(|m| &m.name == modality) {
-                    let names: Vec<&str> = self.vocab.modalities.iter().map(|m| m.name.as_str()).collect();
+                    let names: Vec<&str> = self
+                        .vocab
+                        .modalities
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect();
                     return Err(SubmitError::InvalidAdapters(format!(
                         "unknown modality {modality:?} in `adapters.modality`; the model has {names:?}"
                     )));
@@ -256,7 +270,10 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Queues a request and returns its event stream, or refuses it at once:
     /// unknown adapters, a full queue, a stopped engine.
-    pub fn submit(&self, req: ValidRequest) -> Result<tmpsc::UnboundedReceiver<InferEvent>, SubmitError> {
+    pub fn submit(
+        &self,
+        req: ValidRequest,
+    ) -> Result<tmpsc::UnboundedReceiver<InferEvent>, SubmitError> {
         if self.shared.stopped.load(Ordering::Acquire) {
             return Err(SubmitError::Stopped);
         }
@@ -264,11 +281,18 @@ impl EngineHandle {
         let max = self.shared.cfg.max_queue;
         self.shared
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max).then_some(w + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < max).then_some(w + 1)
+            })
             .map_err(SubmitError::Overloaded)?;
         let (events, rx) = tmpsc::unbounded_channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) as u64;
-        let entry = Entry { id, req, events, enqueued: std::time::Instant::now() };
+        let entry = Entry {
+            id,
+            req,
+            events,
+            enqueued: std::time::Instant::now(),
+        };
         if self.tx.send(Message::Submit(entry)).is_err() {
             self.shared.left_queue(1);
             return Err(SubmitError::Stopped);
@@ -279,13 +303,22 @@ impl EngineHandle {
     /// Runs an adapter command on the engine thread, between steps.
     pub async fn adapter_command(&self, cmd: AdapterCommand) -> Result<AdapterReply> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Message::Adapter(cmd, reply)).map_err(|_| anyhow!("the engine has stopped"))?;
-        answer.await.map_err(|_| anyhow!("the engine stopped before answering"))?
+        self.tx
+            .send(Message::Adapter(cmd, reply))
+            .map_err(|_| anyhow!("the engine has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow!("the engine stopped before answering"))?
     }
 
     /// The engine's counters now.
     pub fn stats(&self) -> EngineStats {
-        let mut s = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut s = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         s.queue_depth = self.shared.waiting.load(Ordering::Acquire);
         s
     }

@@ -43,7 +43,13 @@ fn require(vq: Option<&VqModel>) -> Result<&VqModel> {
 pub fn render(vq: Option<&VqModel>, codes: &[u32], grid: [usize; 2]) -> Result<Picture> {
     let vq = require(vq)?;
     if codes.len() != grid[0] * grid[1] {
-        bail!("an image needs {} codes ({}x{}), got {}", grid[0] * grid[1], grid[0], grid[1], codes.len());
+        bail!(
+            "an image needs {} codes ({}x{}), got {}",
+            grid[0] * grid[1],
+            grid[0],
+            grid[1],
+            codes.len()
+        );
     }
     let img = vq.decode_to_rgb(codes).context("VQ decoding failed")?;
     picture(&img)
@@ -79,12 +85,17 @@ fn blank_cells(img: &mut RgbImage, done: usize, grid: [usize; 2]) {
 }
 
 fn picture(img: &RgbImage) -> Result<Picture> {
-    Ok(Picture { png: encode_png(img)?, width: img.width(), height: img.height() })
+    Ok(Picture {
+        png: encode_png(img)?,
+        width: img.width(),
+        height: img.height(),
+    })
 }
 
 pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, ImageFormat::Png).context("PNG encoding failed")?;
+    img.write_to(&mut out, ImageFormat::Png)
+        .context("PNG encoding failed")?;
     Ok(out.into_inner())
 }
 

@@ -60,7 +60,9 @@ impl Queue {
     }
 
     pub fn pop_front(&mut self) -> Option<Entry> {
-        self.interactive.pop_front().or_else(|| self.batch.pop_front())
+        self.interactive
+            .pop_front()
+            .or_else(|| self.batch.pop_front())
     }
 
     pub fn len(&self) -> usize {
@@ -130,7 +132,11 @@ pub fn plan_step(pending: &[Pending], budget: usize) -> Vec<Take> {
         };
         if c + t > 0 {
             budget -= c + t;
-            takes.push(Take { seq: i, cond: c, twin: t });
+            takes.push(Take {
+                seq: i,
+                cond: c,
+                twin: t,
+            });
         }
     }
     takes.sort_by_key(|t| t.seq);
@@ -156,34 +162,55 @@ struct Wanted {
 }
 
 fn wanted(runner: &ModelRunner, req: &AdapterRequest, mode: RoutingMode) -> Result<Wanted> {
-    let mut w = Wanted { modality: vec![None; runner.vocab.modalities.len()], gate: vec![], forced: vec![] };
+    let mut w = Wanted {
+        modality: vec![None; runner.vocab.modalities.len()],
+        gate: vec![],
+        forced: vec![],
+    };
     match mode {
         RoutingMode::Base => {}
         RoutingMode::PerSequence => w.forced = req.forced.clone(),
         RoutingMode::SinglePass | RoutingMode::PerModalityPass => {
             // Modalities the request's map leaves out keep their default adapter.
             for (i, m) in runner.vocab.modalities.iter().enumerate() {
-                let named = req.modality.as_ref().and_then(|map| map.get(&m.name).cloned());
+                let named = req
+                    .modality
+                    .as_ref()
+                    .and_then(|map| map.get(&m.name).cloned());
                 w.modality[i] = named.or_else(|| runner.modality_adapter(&m.name));
             }
-            let experts = runner.gate.as_ref().map(|g| g.config.experts.clone()).unwrap_or_default();
+            let experts = runner
+                .gate
+                .as_ref()
+                .map(|g| g.config.experts.clone())
+                .unwrap_or_default();
             let allowed: Vec<String> = match &req.semantic {
-                None => experts.iter().filter(|e| runner.hot_set.role_of(e).is_some()).cloned().collect(),
+                None => experts
+                    .iter()
+                    .filter(|e| runner.hot_set.role_of(e).is_some())
+                    .cloned()
+                    .collect(),
                 Some(list) => list.clone(),
             };
             for name in allowed {
-                let idx = experts
-                    .iter()
-                    .position(|e| *e == name)
-                    .ok_or_else(|| anyhow!("adapter {name:?} is not one of the gate's experts {experts:?}"))?;
+                let idx = experts.iter().position(|e| *e == name).ok_or_else(|| {
+                    anyhow!("adapter {name:?} is not one of the gate's experts {experts:?}")
+                })?;
                 w.gate.push((idx, name));
             }
         }
     }
-    let all = w.modality.iter().flatten().chain(w.gate.iter().map(|g| &g.1)).chain(&w.forced);
+    let all = w
+        .modality
+        .iter()
+        .flatten()
+        .chain(w.gate.iter().map(|g| &g.1))
+        .chain(&w.forced);
     for name in all {
         if runner.hot_set.role_of(name).is_none() {
-            return Err(anyhow!("unknown adapter {name:?}: it is not registered (was it unloaded?)"));
+            return Err(anyhow!(
+                "unknown adapter {name:?}: it is not registered (was it unloaded?)"
+            ));
         }
     }
     Ok(w)
@@ -191,13 +218,22 @@ fn wanted(runner: &ModelRunner, req: &AdapterRequest, mode: RoutingMode) -> Resu
 
 /// Resolves a request's adapter names to hot-set slots, acquiring each
 /// (released by [`release`] when the sequence ends).
-pub fn resolve_adapters(runner: &mut ModelRunner, req: &AdapterRequest, mode: RoutingMode) -> Admission {
+pub fn resolve_adapters(
+    runner: &mut ModelRunner,
+    req: &AdapterRequest,
+    mode: RoutingMode,
+) -> Admission {
     let w = match wanted(runner, req, mode) {
         Ok(w) => w,
         Err(e) => return Admission::Refuse(format!("{e:#}")),
     };
-    let names: BTreeSet<&String> =
-        w.modality.iter().flatten().chain(w.gate.iter().map(|g| &g.1)).chain(&w.forced).collect();
+    let names: BTreeSet<&String> = w
+        .modality
+        .iter()
+        .flatten()
+        .chain(w.gate.iter().map(|g| &g.1))
+        .chain(&w.forced)
+        .collect();
     let hot = &runner.hot_set;
     let missing = names.iter().filter(|n| hot.slot_of(n).is_none()).count();
     let room = hot
@@ -271,20 +307,64 @@ mod tests {
         let plan = plan_step(&[p(100, None), p(1, None), p(1, None)], 10);
         assert_eq!(
             plan,
-            vec![Take { seq: 0, cond: 8, twin: 0 }, Take { seq: 1, cond: 1, twin: 0 }, Take { seq: 2, cond: 1, twin: 0 }]
+            vec![
+                Take {
+                    seq: 0,
+                    cond: 8,
+                    twin: 0
+                },
+                Take {
+                    seq: 1,
+                    cond: 1,
+                    twin: 0
+                },
+                Take {
+                    seq: 2,
+                    cond: 1,
+                    twin: 0
+                }
+            ]
         );
         let plan = plan_step(&[p(5, None), p(7, None)], 10);
-        assert_eq!(plan, vec![Take { seq: 0, cond: 5, twin: 0 }, Take { seq: 1, cond: 5, twin: 0 }]);
+        assert_eq!(
+            plan,
+            vec![
+                Take {
+                    seq: 0,
+                    cond: 5,
+                    twin: 0
+                },
+                Take {
+                    seq: 1,
+                    cond: 5,
+                    twin: 0
+                }
+            ]
+        );
     }
 
     #[test]
     fn a_chunk_never_finishes_one_side_of_a_twin_alone() {
         // cond needs 3, twin 4; budget 5: neither final token may go.
         let plan = plan_step(&[p(3, Some(4))], 5);
-        assert_eq!(plan, vec![Take { seq: 0, cond: 2, twin: 3 }]);
+        assert_eq!(
+            plan,
+            vec![Take {
+                seq: 0,
+                cond: 2,
+                twin: 3
+            }]
+        );
         // Then 1 + 1 remain and go together.
         let plan = plan_step(&[p(1, Some(1))], 5);
-        assert_eq!(plan, vec![Take { seq: 0, cond: 1, twin: 1 }]);
+        assert_eq!(
+            plan,
+            vec![Take {
+                seq: 0,
+                cond: 1,
+                twin: 1
+            }]
+        );
     }
 
     #[test]
@@ -311,7 +391,10 @@ mod tests {
                     }
                 }
             }
-            assert!(left.iter().all(|x| x.total() == 0), "budget {budget}: not drained");
+            assert!(
+                left.iter().all(|x| x.total() == 0),
+                "budget {budget}: not drained"
+            );
         }
     }
 

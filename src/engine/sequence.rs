@@ -114,14 +114,22 @@ impl Sequence {
     /// (with the `<eoi>` the grammar forces when it ends on an image's last
     /// code) and the modality state after it. Cheap: run before any adapter
     /// or cache is taken.
-    pub fn check_prompt(prompt: &[u32], vocab: &VocabLayout, max_context: usize) -> Result<Prepared> {
+    pub fn check_prompt(
+        prompt: &[u32],
+        vocab: &VocabLayout,
+        max_context: usize,
+    ) -> Result<Prepared> {
         if prompt.is_empty() {
             return Err(anyhow!("the prompt is empty"));
         }
         if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab.vocab_size) {
-            return Err(anyhow!("prompt token {bad} is outside the vocabulary of {} ids", vocab.vocab_size));
+            return Err(anyhow!(
+                "prompt token {bad} is outside the vocabulary of {} ids",
+                vocab.vocab_size
+            ));
         }
-        let (state, forced) = ModalityState::after_prompt(prompt, vocab).map_err(|e| anyhow!("prompt: {e}"))?;
+        let (state, forced) =
+            ModalityState::after_prompt(prompt, vocab).map_err(|e| anyhow!("prompt: {e}"))?;
         let mut prompt = prompt.to_vec();
         prompt.extend(forced);
         if prompt.len() >= max_context {
@@ -144,14 +152,18 @@ impl Sequence {
     ) -> Self {
         let Prepared { prompt, state } = prepared;
         let image_codes = match state {
-            ModalityState::Image { emitted } => {
-                prompt[prompt.len() - emitted..].iter().filter_map(|&t| vocab.image_code(t)).collect()
-            }
+            ModalityState::Image { emitted } => prompt[prompt.len() - emitted..]
+                .iter()
+                .filter_map(|&t| vocab.image_code(t))
+                .collect(),
             ModalityState::Text => vec![],
         };
         let mut detok = Detokenizer::new(tokenizer, vocab);
         detok.prime(&prompt);
-        let routing = RoutingStats { mode: new.mode.as_str().to_string(), ..Default::default() };
+        let routing = RoutingStats {
+            mode: new.mode.as_str().to_string(),
+            ..Default::default()
+        };
         Self {
             id: new.id,
             events: new.events,
@@ -162,7 +174,10 @@ impl Sequence {
             adapters,
             caches,
             twin: None,
-            usage: Usage { prompt_tokens: prompt.len(), ..Default::default() },
+            usage: Usage {
+                prompt_tokens: prompt.len(),
+                ..Default::default()
+            },
             context_len: prompt.len(),
             pending: prompt,
             state,
@@ -201,7 +216,11 @@ impl Sequence {
         self.routing.passes += report.passes;
         self.routing.token_rows += report.rows_processed;
         for (name, rows) in &report.rows_per_adapter {
-            *self.routing.rows_per_adapter.entry(name.clone()).or_default() += rows;
+            *self
+                .routing
+                .rows_per_adapter
+                .entry(name.clone())
+                .or_default() += rows;
         }
         self.routing.forward_ms += forward_ms;
     }
@@ -216,7 +235,14 @@ impl Sequence {
         top_pick: SlotId,
         ctx: &mut TokenContext<'_>,
     ) -> Progress {
-        let chosen = match choose_next(&mut self.state, &mut self.sampler, logits, uncond, &self.params, ctx.vocab) {
+        let chosen = match choose_next(
+            &mut self.state,
+            &mut self.sampler,
+            logits,
+            uncond,
+            &self.params,
+            ctx.vocab,
+        ) {
             Ok(c) => c,
             Err(e) => return Progress::Failed(format!("sampling failed: {e}")),
         };
@@ -238,7 +264,8 @@ impl Sequence {
             return Progress::Finished(FinishReason::Length);
         }
         if let Some(twin) = self.twin.as_mut() {
-            twin.pending.extend(fed.iter().filter(|&&t| ctx.vocab.is_image_code(t)));
+            twin.pending
+                .extend(fed.iter().filter(|&&t| ctx.vocab.is_image_code(t)));
         }
         self.pending = fed;
         Progress::Continue
@@ -260,19 +287,34 @@ impl Sequence {
                 }
             }
         }?;
-        self.adapters.slot_names.iter().find(|(s, _)| *s == slot).map(|(_, n)| n.clone())
+        self.adapters
+            .slot_names
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, n)| n.clone())
     }
 
     /// Streams one generated token: the Token event, then its text delta,
     /// preview or finished image.
-    fn push_token(&mut self, token: u32, adapter: Option<String>, ctx: &mut TokenContext<'_>) -> Result<(), String> {
+    fn push_token(
+        &mut self,
+        token: u32,
+        adapter: Option<String>,
+        ctx: &mut TokenContext<'_>,
+    ) -> Result<(), String> {
         let vocab = ctx.vocab;
         let modality = vocab.modalities[vocab.modality_of(token)].name.clone();
         *ctx.tokens_by_modality.entry(modality.clone()).or_default() += 1;
-        *ctx.tokens_by_adapter.entry(adapter.clone().unwrap_or_else(|| "none".into())).or_default() += 1;
+        *ctx.tokens_by_adapter
+            .entry(adapter.clone().unwrap_or_else(|| "none".into()))
+            .or_default() += 1;
         self.generated += 1;
         self.context_len += 1;
-        self.send(InferEvent::Token { id: token, modality, adapter });
+        self.send(InferEvent::Token {
+            id: token,
+            modality,
+            adapter,
+        });
         if let Some(code) = vocab.image_code(token) {
             self.usage.image_tokens += 1;
             self.image_codes.push(code);
@@ -297,9 +339,15 @@ impl Sequence {
         if Some(token) == vocab.eoi && self.image_codes.len() == vocab.tokens_per_image {
             let codes = std::mem::take(&mut self.image_codes);
             let index = self.usage.images;
-            let p = images::render(ctx.vq, &codes, vocab.image_grid).map_err(|e| format!("image {index}: {e:#}"))?;
+            let p = images::render(ctx.vq, &codes, vocab.image_grid)
+                .map_err(|e| format!("image {index}: {e:#}"))?;
             self.usage.images += 1;
-            self.send(InferEvent::Image { index, png: p.png, width: p.width, height: p.height });
+            self.send(InferEvent::Image {
+                index,
+                png: p.png,
+                width: p.width,
+                height: p.height,
+            });
         }
         match self.detok.push(token) {
             Ok(Some(delta)) => self.send(InferEvent::TextDelta(delta)),
@@ -317,7 +365,11 @@ impl Sequence {
             Err(e) => return self.fail(format!("{e:#}")),
         }
         self.routing.total_ms = ms(self.enqueued.elapsed());
-        let completion = Completion { finish_reason: reason, usage: self.usage.clone(), routing: self.routing.clone() };
+        let completion = Completion {
+            finish_reason: reason,
+            usage: self.usage.clone(),
+            routing: self.routing.clone(),
+        };
         self.send(InferEvent::End(completion));
     }
 
