@@ -9,6 +9,7 @@
 //! - [`images`]: image codes to PNG;
 //! - per-token logic: [`params`], [`modality`], [`sampler`], [`detok`].
 
+mod admin;
 pub mod cache_pool;
 pub mod detok;
 #[allow(clippy::module_inception)]
