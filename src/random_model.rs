@@ -76,8 +76,12 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
         .save(dir.join("tokenizer.json"), true)
         .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", dir.display()))?;
 
+    // The specials sit at the start of the tokenizer's text range; the text
+    // modality (what text mode may sample) starts after them.
+    let specials = [layout.pad, layout.bos, layout.eos, layout.boi, layout.eoi];
+    let text_start = specials.iter().max().map_or(layout.text_range.start, |&s| s + 1);
     let mut modalities = vec![
-        ModalitySpec { name: "text".into(), token_range: Some([layout.text_range.start, layout.text_range.end]) },
+        ModalitySpec { name: "text".into(), token_range: Some([text_start, layout.text_range.end]) },
         ModalitySpec { name: "image".into(), token_range: Some([layout.image_range.start, layout.image_range.end]) },
     ];
     let mut vocab_size = layout.vocab_size;

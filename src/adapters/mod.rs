@@ -4,6 +4,14 @@
 pub mod hot_set;
 pub mod peft;
 
+#[cfg(test)]
+mod hot_set_tests;
+#[cfg(test)]
+mod tests;
+
+pub use hot_set::{HotSet, HotSetConfig, SlotStatus};
+pub use peft::{resolve_adapter_dir, AdapterConfig, LoraAdapter, LoraPair};
+
 use serde::{Deserialize, Serialize};
 
 /// Index of a hot-set slot. Slot 0 is the null adapter (all zeros).

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::adapters::hot_set::HotSetConfig;
 use crate::engine_runner::{AdapterSelection, ModelRunner, SeqStep};
-use crate::model::decoder::KvCache;
+use crate::model::kv_cache::KvCache;
 use crate::random_model::{write_random_model, RandomModelSpec, ADAPTERS_DIR};
 use crate::routing::mode::RoutingMode;
 
@@ -73,7 +73,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Value>> {
         let model_dir = dir.path().join(format!("k{k}"));
         let spec = opts.spec(k);
         write_random_model(&model_dir, &spec)?;
-        let mut bench = ModelBench::open(&model_dir, &spec, opts)?;
+        let bench = ModelBench::open(&model_dir, &spec, opts)?;
         for phase in ["prefill", "decode"] {
             for batch in [1, 16] {
                 let single = bench.throughput(RoutingMode::SinglePass, phase, batch, k)?;

@@ -12,6 +12,10 @@
 pub mod cpu;
 pub mod generic;
 pub mod reference;
+pub mod threading;
+
+#[cfg(test)]
+mod tests;
 
 use candle_core::{Result, Tensor};
 

@@ -1,4 +1,10 @@
 //! The unified-vocabulary decoder (Chameleon layout), its KV cache, and the
 //! model directory's config.
 
+pub mod attention;
 pub mod config;
+pub mod decoder;
+pub mod kv_cache;
+pub mod mlp;
+pub mod norms;
+pub mod weights;
