@@ -303,7 +303,7 @@ fn concurrent_requests_match_each_run_alone() {
     };
     let mut guided = params(7, 20, 0.9);
     guided.cfg_scale = 2.0;
-    let reqs = vec![
+    let reqs = [
         request(
             text_prompt(v, 30, 0),
             params(1, 24, 0.9),

@@ -138,7 +138,7 @@ impl Engine {
 
     fn handle(&mut self, msg: Message) {
         match msg {
-            Message::Submit(entry) => self.queue.push(entry),
+            Message::Submit(entry) => self.queue.push(*entry),
             Message::Adapter(cmd, reply) => {
                 let _ = reply.send(self.adapter_command(cmd));
             }
@@ -152,7 +152,7 @@ impl Engine {
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].is_abandoned() {
-                let seq = self.running.swap_remove(i);
+                let seq = self.running.remove(i);
                 self.retire(&seq);
             } else {
                 i += 1;
@@ -187,16 +187,16 @@ impl Engine {
             };
             self.shared.left_queue(1);
             let started = match (resolved, prepared) {
-                (Ok(r), Ok(p)) => self.start_sequence(entry, p, r),
-                (Err(why), _) => Err((entry, why)),
+                (Ok(r), Ok(p)) => self.start_sequence(&entry, p, r),
+                (Err(why), _) => Err(why),
                 (Ok(r), Err(e)) => {
                     release(&mut self.runner, &r);
-                    Err((entry, format!("{e:#}")))
+                    Err(format!("{e:#}"))
                 }
             };
             match started {
                 Ok(seq) => self.running.push(seq),
-                Err((entry, why)) => {
+                Err(why) => {
                     self.stats.requests_failed += 1;
                     let _ = entry.events.send(InferEvent::Error(why));
                 }
@@ -205,19 +205,19 @@ impl Engine {
     }
 
     /// Gives an admitted request its caches and builds its sequence; on
-    /// failure releases what it took and hands the entry back with the reason.
+    /// failure releases what it took and returns the reason.
     fn start_sequence(
         &mut self,
-        entry: Entry,
+        entry: &Entry,
         prepared: Prepared,
         adapters: Resolved,
-    ) -> Result<Sequence, (Entry, String)> {
+    ) -> Result<Sequence, String> {
         let n = ModelRunner::caches_needed(entry.req.mode, &adapters.selection);
         let caches = match self.pool.alloc(n, &self.runner) {
             Ok(c) => c,
             Err(e) => {
                 release(&mut self.runner, &adapters);
-                return Err((entry, format!("cannot allocate KV caches: {e:#}")));
+                return Err(format!("cannot allocate KV caches: {e:#}"));
             }
         };
         let new = NewSequence {
@@ -239,7 +239,7 @@ impl Engine {
         seq.set_queue_time(Instant::now());
         if let Err(e) = sync_twin(&mut self.pool, &self.runner, &mut seq) {
             self.retire(&seq);
-            return Err((entry, format!("cannot allocate the guidance caches: {e}")));
+            return Err(format!("cannot allocate the guidance caches: {e}"));
         }
         Ok(seq)
     }
@@ -256,10 +256,11 @@ impl Engine {
     /// Retires the sequences at `ended` (indices into `running`), sending
     /// each its last event.
     fn end(&mut self, mut ended: Vec<(usize, Progress)>) {
-        // Highest index first, so swap_remove never moves a pending index.
-        ended.sort_by(|a, b| b.0.cmp(&a.0));
+        // Highest index first, so removing one never moves a pending index;
+        // `remove` keeps the admission order the scheduler relies on.
+        ended.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (i, progress) in ended {
-            let seq = self.running.swap_remove(i);
+            let seq = self.running.remove(i);
             self.retire(&seq);
             match progress {
                 Progress::Finished(reason) => {

@@ -225,7 +225,7 @@ impl ModelInfo {
 
 /// What the handle sends the engine thread.
 pub(crate) enum Message {
-    Submit(Entry),
+    Submit(Box<Entry>),
     Adapter(AdapterCommand, oneshot::Sender<Result<AdapterReply>>),
 }
 
@@ -293,7 +293,7 @@ impl EngineHandle {
             events,
             enqueued: std::time::Instant::now(),
         };
-        if self.tx.send(Message::Submit(entry)).is_err() {
+        if self.tx.send(Message::Submit(Box::new(entry))).is_err() {
             self.shared.left_queue(1);
             return Err(SubmitError::Stopped);
         }

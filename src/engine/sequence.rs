@@ -320,7 +320,7 @@ impl Sequence {
             self.image_codes.push(code);
             let done = self.image_codes.len();
             if let Some(n) = self.preview_every {
-                if done % n == 0 && done < vocab.tokens_per_image {
+                if done.is_multiple_of(n) && done < vocab.tokens_per_image {
                     let p = images::render_preview(ctx.vq, &self.image_codes, vocab.image_grid)
                         .map_err(|e| format!("image {} preview: {e:#}", self.usage.images))?;
                     let index = self.usage.images;
