@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod dispatch;
 pub mod model;
 pub mod routing;
+pub mod server;
 pub mod bench;
 pub mod engine_runner;
 pub mod random_model;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use molora::bench::{self, BenchOptions};
 use molora::random_model::{write_random_model, RandomModelSpec};
+use molora::server::config::ServeArgs;
 
 #[derive(Parser)]
 #[command(name = "molora", version, about = "Multimodal generation with per-token adapter routing")]
@@ -18,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API and the playground (reads configs/server.toml when
+    /// present; every field can be overridden by a flag).
+    Serve(ServeArgs),
     /// Write a random-initialised model directory (config, weights, tokenizer,
     /// modality and semantic adapters, gate).
     InitRandom {
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
 
 fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(args) => molora::server::serve(args.resolve()?),
         Command::InitRandom {
             out,
             hidden,
