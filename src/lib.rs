@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod dispatch;
+pub mod engine;
 pub mod model;
 pub mod routing;
 pub mod server;

@@ -11,7 +11,11 @@ use molora::random_model::{write_random_model, RandomModelSpec};
 use molora::server::config::ServeArgs;
 
 #[derive(Parser)]
-#[command(name = "molora", version, about = "Multimodal generation with per-token adapter routing")]
+#[command(
+    name = "molora",
+    version,
+    about = "Multimodal generation with per-token adapter routing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,7 +77,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match try_main(Cli::parse()) {
@@ -127,11 +133,22 @@ fn try_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench { json, quick, seq_len, decode_steps, repeats } => {
+        Command::Bench {
+            json,
+            quick,
+            seq_len,
+            decode_steps,
+            repeats,
+        } => {
             let opts = if quick {
                 BenchOptions::quick()
             } else {
-                BenchOptions { quick: false, seq_len, decode_steps, repeats }
+                BenchOptions {
+                    quick: false,
+                    seq_len,
+                    decode_steps,
+                    repeats,
+                }
             };
             anyhow::ensure!(
                 opts.decode_steps < opts.seq_len,

@@ -36,7 +36,11 @@ fn a_good_config_resolves_its_vocabulary() {
     let v = cfg.vocab().unwrap();
     assert_eq!(v.text_range(), 5..60);
     assert_eq!(v.image_range(), 60..76);
-    assert_eq!(v.modality_of(1), 0, "specials belong to the default modality");
+    assert_eq!(
+        v.modality_of(1),
+        0,
+        "specials belong to the default modality"
+    );
     assert_eq!(v.modality_of(61), 1);
     assert_eq!((v.boi, v.eoi, v.tokens_per_image), (Some(3), Some(4), 16));
     assert_eq!(v.image_code(63), Some(3));
@@ -56,7 +60,10 @@ fn ranges_beyond_the_embedding_are_refused() {
     let mut v = base();
     v["molora"]["modalities"][1]["token_range"] = json!([60, 120]);
     let e = error_of(&v);
-    assert!(e.contains("config.json") && e.contains("exceeds vocab_size 100"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("exceeds vocab_size 100"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -64,7 +71,10 @@ fn special_tokens_inside_the_image_range_are_refused() {
     let mut v = base();
     v["molora"]["boi_token_id"] = json!(65);
     let e = error_of(&v);
-    assert!(e.contains("boi_token_id 65") && e.contains("image-code range"), "{e}");
+    assert!(
+        e.contains("boi_token_id 65") && e.contains("image-code range"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -82,7 +92,10 @@ fn unknown_model_type_and_bad_heads_are_refused() {
     let mut v = base();
     v["num_key_value_heads"] = json!(3);
     assert!(error_of(&v).contains("num_key_value_heads"));
-    let e = format!("{:#}", Config::from_file(std::path::Path::new("/nonexistent/config.json")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        Config::from_file(std::path::Path::new("/nonexistent/config.json")).unwrap_err()
+    );
     assert!(e.contains("/nonexistent/config.json"), "{e}");
 }
 

@@ -29,7 +29,10 @@ fn per_modality_pass_equals_single_pass_on_one_modality() {
     let multi = run_step(&runner, &[(&tokens, RoutingMode::PerModalityPass, &sel)]);
     assert!(max_diff(&single[0], &multi[0]) < TOL);
     // Adapters really act: the routed output differs from the base.
-    let base = run_step(&runner, &[(&tokens, RoutingMode::Base, &AdapterSelection::default())]);
+    let base = run_step(
+        &runner,
+        &[(&tokens, RoutingMode::Base, &AdapterSelection::default())],
+    );
     assert!(max_diff(&single[0], &base[0]) > 1e-3);
 }
 
@@ -41,15 +44,25 @@ fn each_pass_of_per_modality_pass_equals_that_adapter_everywhere() {
     let mut sel = runner.default_selection().unwrap();
     sel.gate_set.clear(); // so the text pass is exactly "text adapter everywhere"
     let tokens = interleaved_sequence(&runner.vocab, 2, 60, 2);
-    let image_rows: Vec<usize> = (0..tokens.len()).filter(|&i| runner.vocab.is_image_code(tokens[i])).collect();
-    let text_rows: Vec<usize> = (0..tokens.len()).filter(|&i| !runner.vocab.is_image_code(tokens[i])).collect();
+    let image_rows: Vec<usize> = (0..tokens.len())
+        .filter(|&i| runner.vocab.is_image_code(tokens[i]))
+        .collect();
+    let text_rows: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !runner.vocab.is_image_code(tokens[i]))
+        .collect();
     assert!(!image_rows.is_empty() && !text_rows.is_empty());
 
     let multi = &run_step(&runner, &[(&tokens, RoutingMode::PerModalityPass, &sel)])[0];
     for (modality, idx) in [(0, &text_rows), (1, &image_rows)] {
-        let forced = AdapterSelection { forced: vec![(sel.modality[modality].unwrap(), 1.0)], ..Default::default() };
+        let forced = AdapterSelection {
+            forced: vec![(sel.modality[modality].unwrap(), 1.0)],
+            ..Default::default()
+        };
         let everywhere = &run_step(&runner, &[(&tokens, RoutingMode::PerSequence, &forced)])[0];
-        assert!(max_diff(&rows(multi, idx), &rows(everywhere, idx)) < TOL, "pass {modality}");
+        assert!(
+            max_diff(&rows(multi, idx), &rows(everywhere, idx)) < TOL,
+            "pass {modality}"
+        );
     }
     // On mixed sequences the two modes differ (context computed with the wrong adapter).
     let single = &run_step(&runner, &[(&tokens, RoutingMode::SinglePass, &sel)])[0];
@@ -62,7 +75,10 @@ fn mixed_batch_equals_each_sequence_alone() {
     write_tiny(dir.path());
     let mut runner = runner(dir.path(), 8);
     let sel = runner.default_selection().unwrap();
-    let forced = AdapterSelection { forced: vec![(sel.gate_set[1].1, 1.0)], ..Default::default() };
+    let forced = AdapterSelection {
+        forced: vec![(sel.gate_set[1].1, 1.0)],
+        ..Default::default()
+    };
     let none = AdapterSelection::default();
     let a = interleaved_sequence(&runner.vocab, 2, 50, 3);
     let b = interleaved_sequence(&runner.vocab, 2, 31, 4);
@@ -102,7 +118,9 @@ fn adapter_with_zero_b_leaves_the_base_unchanged() {
     let cfg = molora::model::config::Config::from_file(&dir.path().join("config.json")).unwrap();
     let zero = LoraAdapter::random(
         "zero",
-        AdapterRole::Semantic { domain: "zero".into() },
+        AdapterRole::Semantic {
+            domain: "zero".into(),
+        },
         &cfg,
         4,
         8.0,
@@ -115,10 +133,16 @@ fn adapter_with_zero_b_leaves_the_base_unchanged() {
     zero.save(&dir.path().join("adapters/zero")).unwrap();
     let mut runner = runner(dir.path(), 8);
     let slot = runner.hot_set.acquire("zero").unwrap();
-    let forced = AdapterSelection { forced: vec![(slot, 1.0)], ..Default::default() };
+    let forced = AdapterSelection {
+        forced: vec![(slot, 1.0)],
+        ..Default::default()
+    };
     let tokens = interleaved_sequence(&runner.vocab, 2, 40, 8);
     let with = &run_step(&runner, &[(&tokens, RoutingMode::PerSequence, &forced)])[0];
-    let base = &run_step(&runner, &[(&tokens, RoutingMode::Base, &AdapterSelection::default())])[0];
+    let base = &run_step(
+        &runner,
+        &[(&tokens, RoutingMode::Base, &AdapterSelection::default())],
+    )[0];
     assert_eq!(max_diff(with, base), 0.0);
 }
 
@@ -133,7 +157,10 @@ fn hot_set_eviction_keeps_outputs_correct() {
     let mut expected = vec![];
     for n in names {
         let slot = big.hot_set.acquire(n).unwrap();
-        let sel = AdapterSelection { forced: vec![(slot, 1.0)], ..Default::default() };
+        let sel = AdapterSelection {
+            forced: vec![(slot, 1.0)],
+            ..Default::default()
+        };
         expected.push(run_step(&big, &[(&tokens, RoutingMode::PerSequence, &sel)]).remove(0));
         big.hot_set.release(n).unwrap();
     }
@@ -142,9 +169,15 @@ fn hot_set_eviction_keeps_outputs_correct() {
     for round in 0..2 {
         for (i, n) in names.iter().enumerate() {
             let slot = small.hot_set.acquire(n).unwrap();
-            let sel = AdapterSelection { forced: vec![(slot, 1.0)], ..Default::default() };
+            let sel = AdapterSelection {
+                forced: vec![(slot, 1.0)],
+                ..Default::default()
+            };
             let got = run_step(&small, &[(&tokens, RoutingMode::PerSequence, &sel)]).remove(0);
-            assert!(max_diff(&got, &expected[i]) < TOL, "round {round} adapter {n}");
+            assert!(
+                max_diff(&got, &expected[i]) < TOL,
+                "round {round} adapter {n}"
+            );
             small.hot_set.release(n).unwrap();
         }
     }
@@ -152,5 +185,8 @@ fn hot_set_eviction_keeps_outputs_correct() {
 }
 
 fn tiny_runner_vocab(dir: &std::path::Path) -> molora::model::config::VocabLayout {
-    molora::model::config::Config::from_file(&dir.join("config.json")).unwrap().vocab().unwrap()
+    molora::model::config::Config::from_file(&dir.join("config.json"))
+        .unwrap()
+        .vocab()
+        .unwrap()
 }

@@ -37,15 +37,22 @@ pub fn write_tiny(dir: &Path) -> RandomModelSpec {
 }
 
 pub fn runner(dir: &Path, capacity: usize) -> ModelRunner {
-    let hot = HotSetConfig { capacity, max_rank: 8 };
-    let (runner, refused) = ModelRunner::load(dir, &dir.join(ADAPTERS_DIR), hot, &Device::Cpu).expect("load runner");
+    let hot = HotSetConfig {
+        capacity,
+        max_rank: 8,
+    };
+    let (runner, refused) =
+        ModelRunner::load(dir, &dir.join(ADAPTERS_DIR), hot, &Device::Cpu).expect("load runner");
     assert!(refused.is_empty(), "refused adapters: {refused:?}");
     runner
 }
 
 /// Runs each (tokens, mode, selection) in one step and returns the hidden
 /// rows of every sequence, in order.
-pub fn run_step(runner: &ModelRunner, seqs: &[(&[u32], RoutingMode, &AdapterSelection)]) -> Vec<Tensor> {
+pub fn run_step(
+    runner: &ModelRunner,
+    seqs: &[(&[u32], RoutingMode, &AdapterSelection)],
+) -> Vec<Tensor> {
     let mut pool = vec![];
     let mut ids = vec![];
     for (_, mode, sel) in seqs {
@@ -59,7 +66,12 @@ pub fn run_step(runner: &ModelRunner, seqs: &[(&[u32], RoutingMode, &AdapterSele
     let steps: Vec<SeqStep> = seqs
         .iter()
         .zip(&ids)
-        .map(|((tokens, mode, sel), c)| SeqStep { tokens, mode: *mode, adapters: sel, caches: c })
+        .map(|((tokens, mode, sel), c)| SeqStep {
+            tokens,
+            mode: *mode,
+            adapters: sel,
+            caches: c,
+        })
         .collect();
     let out = runner.forward(&steps, &mut pool).expect("forward");
     let mut rows = vec![];
@@ -73,7 +85,13 @@ pub fn run_step(runner: &ModelRunner, seqs: &[(&[u32], RoutingMode, &AdapterSele
 
 /// Runs a single sequence in chunks (prefill then one token at a time) and
 /// returns the rows of every chunk concatenated.
-pub fn run_chunked(runner: &ModelRunner, tokens: &[u32], prefix: usize, mode: RoutingMode, sel: &AdapterSelection) -> Tensor {
+pub fn run_chunked(
+    runner: &ModelRunner,
+    tokens: &[u32],
+    prefix: usize,
+    mode: RoutingMode,
+    sel: &AdapterSelection,
+) -> Tensor {
     let n = ModelRunner::caches_needed(mode, sel);
     let mut pool: Vec<KvCache> = (0..n).map(|_| runner.new_cache().unwrap()).collect();
     let ids: Vec<usize> = (0..n).collect();
@@ -81,19 +99,34 @@ pub fn run_chunked(runner: &ModelRunner, tokens: &[u32], prefix: usize, mode: Ro
     chunks.extend(tokens[prefix..].iter().map(|&t| vec![t]));
     let mut rows = vec![];
     for c in &chunks {
-        let step = SeqStep { tokens: c, mode, adapters: sel, caches: &ids };
+        let step = SeqStep {
+            tokens: c,
+            mode,
+            adapters: sel,
+            caches: &ids,
+        };
         rows.push(runner.forward(&[step], &mut pool).unwrap().hidden);
     }
     Tensor::cat(&rows, 0).unwrap()
 }
 
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Rows of `t` at `idx`.
 pub fn rows(t: &Tensor, idx: &[usize]) -> Tensor {
     let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
     let n = idx.len();
-    t.index_select(&Tensor::from_vec(idx, n, t.device()).unwrap(), 0).unwrap()
+    t.index_select(&Tensor::from_vec(idx, n, t.device()).unwrap(), 0)
+        .unwrap()
 }
