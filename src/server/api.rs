@@ -2,9 +2,11 @@
 //! types and then validated (`validation.rs`) into the engine's
 //! `ValidRequest`; a value of a later type never holds an unchecked field.
 //!
-//! Fields whose errors need a precise message (`prompt`, `sampling`,
-//! `routing_mode`) arrive as raw JSON values or strings and are parsed by the
-//! validator, so that the message can name the field and the value given.
+//! The server reads request bodies field by field (`fields.rs`) so that
+//! errors name the field; the serde derives here serve clients (tests, the
+//! load generator). `prompt` and `sampling` stay raw JSON values and
+//! `routing_mode` a string: the validator parses them with messages that
+//! name the field and the value given.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,7 +18,8 @@ use crate::engine::types::{AdapterRequest, FinishReason, RoutingStats, Usage};
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     /// A string, or an array of parts `{type: "text", text}` /
-    /// `{type: "image", png_base64}`, in order.
+    /// `{type: "image", png_base64}`, in order; the last part may be
+    /// `{type: "image_start"}` (the model begins with a picture).
     pub prompt: Value,
     #[serde(default)]
     pub max_tokens: Option<usize>,
@@ -43,6 +46,8 @@ pub struct GenerateRequest {
 pub enum PromptPartJson {
     Text { text: String },
     Image { png_base64: String },
+    /// `<boi>` at the end of the prompt: generation starts with an image.
+    ImageStart {},
 }
 
 /// One piece of the output, in generation order.

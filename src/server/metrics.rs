@@ -1,10 +1,10 @@
 //! Prometheus metrics (`GET /metrics`, text format).
 //!
 //! Two sources: what the HTTP layer measures itself (requests, errors by
-//! their stable short name, latencies, time to first token, generated tokens
-//! by modality and adapter) and the engine's own counters (queue depth,
-//! batch size, steps, hot-set hits/misses/evictions), copied in at scrape
-//! time. Engine totals are monotonic, so they are exported as counters by
+//! their stable short name, latencies, time to first token, images) and the
+//! engine's own counters (queue depth, batch size, steps, generated tokens
+//! by modality and by adapter, hot-set hits/misses/evictions), copied in at
+//! scrape time. Engine totals are monotonic, so they are exported as counters by
 //! adding the difference since the last scrape.
 
 use std::collections::BTreeMap;
@@ -40,6 +40,9 @@ pub struct Metrics {
     queue_depth: IntGauge,
     running: IntGauge,
     batch_size: IntGauge,
+    batch_rows: IntGauge,
+    finished: IntCounter,
+    failed: IntCounter,
     step_seconds: Gauge,
     engine_steps: IntCounter,
     hot_hits: IntCounter,
@@ -106,6 +109,9 @@ impl Metrics {
             queue_depth: gauge(&r, "molora_queue_depth", "Requests waiting for a batch slot"),
             running: gauge(&r, "molora_running_sequences", "Sequences in the running batch"),
             batch_size: gauge(&r, "molora_batch_size", "Sequences in the latest engine step"),
+            batch_rows: gauge(&r, "molora_batch_rows", "Token rows the latest engine step fed (all passes)"),
+            finished: counter(&r, "molora_requests_finished_total", "Requests the engine finished"),
+            failed: counter(&r, "molora_requests_failed_total", "Requests the engine failed"),
             step_seconds,
             engine_steps: counter(&r, "molora_engine_steps_total", "Engine steps run"),
             hot_hits: counter(&r, "molora_hot_set_hits_total", "Adapter acquisitions served from the hot set"),
@@ -135,12 +141,6 @@ impl Metrics {
         self.images.inc_by(done.images as u64);
     }
 
-    /// Counts one generated token.
-    pub fn observe_token(&self, modality: &str, adapter: Option<&str>) {
-        self.tokens_by_modality.with_label_values(&[modality]).inc();
-        self.tokens_by_adapter.with_label_values(&[adapter.unwrap_or("none")]).inc();
-    }
-
     /// The text exposition, with the engine's numbers copied in first.
     pub fn render(&self, stats: &EngineStats) -> String {
         self.queue_depth.set(stats.queue_depth as i64);
@@ -151,6 +151,15 @@ impl Metrics {
         self.advance("hits", stats.hot_set_hits, &self.hot_hits);
         self.advance("misses", stats.hot_set_misses, &self.hot_misses);
         self.advance("evictions", stats.hot_set_evictions, &self.hot_evictions);
+        self.advance("finished", stats.requests_finished, &self.finished);
+        self.advance("failed", stats.requests_failed, &self.failed);
+        self.batch_rows.set(stats.last_batch_rows as i64);
+        for (modality, n) in &stats.tokens_by_modality {
+            self.advance(&format!("modality/{modality}"), *n, &self.tokens_by_modality.with_label_values(&[modality]));
+        }
+        for (adapter, n) in &stats.tokens_by_adapter {
+            self.advance(&format!("adapter/{adapter}"), *n, &self.tokens_by_adapter.with_label_values(&[adapter]));
+        }
         let mut out = vec![];
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!("cannot encode metrics: {e}");

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod fields;
 pub mod handlers;
 pub mod metrics;
 pub mod output;
@@ -34,6 +35,7 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::Device;
 
 use crate::adapters::hot_set::HotSetConfig;
+use crate::engine::images::VQ_WEIGHTS_FILE;
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::engine_runner::ModelRunner;
 use crate::model::config::Config;
@@ -43,17 +45,13 @@ use error::ApiError;
 use metrics::{ErrorKind, Metrics};
 use validation::Validator;
 
-/// The VQ model's weights inside a model directory (its config is the
-/// `vq_config` object of config.json).
-pub const VQ_WEIGHTS_FILE: &str = "vq.safetensors";
-
 /// What every handler shares.
 pub struct AppState {
     pub engine: EngineHandle,
     pub validator: Validator,
     pub metrics: Metrics,
     pub config: ServerConfig,
-    /// The base model's name (the model folder's name).
+    /// The base model's name (the model folder's name, as the engine reports it).
     pub model_name: String,
 }
 
@@ -90,7 +88,7 @@ pub fn device() -> Result<Device> {
 }
 
 /// The VQ model of a model directory, when it has one (`vq_config` in
-/// config.json and `vq.safetensors` beside it).
+/// config.json and its weights beside it).
 pub fn load_vq(model_dir: &Path, cfg: &Config, device: &Device) -> Result<Option<VqModel>> {
     let weights = model_dir.join(VQ_WEIGHTS_FILE);
     match (&cfg.vq_config, weights.exists()) {
@@ -131,11 +129,7 @@ pub fn build_state(cfg: ServerConfig) -> Result<AppState> {
         max_context: model_cfg.max_position_embeddings,
     };
     let engine = Engine::start(runner, tokenizer.clone(), vq.clone(), engine_cfg);
-    let model_name = model_dir
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "molora".into());
+    let model_name = engine.model_info().name;
     tracing::info!(
         model = %model_dir.display(),
         images = vq.is_some(),

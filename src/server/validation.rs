@@ -40,6 +40,8 @@ const QUOTE_CHARS: usize = 48;
 pub enum PromptPiece {
     Text { field: String, text: String },
     Image { field: String, png: Vec<u8> },
+    /// `<boi>`, last in the prompt.
+    ImageStart { field: String },
 }
 
 /// Everything the validator needs, built once at start-up.
@@ -79,6 +81,14 @@ impl Validator {
                             let field = format!("{field}.png_base64");
                             let png = decode_base64(&field, &png_base64)?;
                             PromptPiece::Image { field, png }
+                        }
+                        PromptPartJson::ImageStart {} => {
+                            if i + 1 != parts.len() {
+                                return Err(ApiError::InvalidRequest(format!(
+                                    "`{field}`: an image_start part must be the last part of the prompt"
+                                )));
+                            }
+                            PromptPiece::ImageStart { field }
                         }
                     });
                 }
@@ -153,15 +163,16 @@ impl Validator {
     fn check_pieces(&self, pieces: Vec<PromptPiece>) -> Result<Vec<PromptPiece>, ApiError> {
         let has_content = pieces.iter().any(|p| match p {
             PromptPiece::Text { text, .. } => !text.trim().is_empty(),
-            PromptPiece::Image { .. } => true,
+            PromptPiece::Image { .. } | PromptPiece::ImageStart { .. } => true,
         });
         if !has_content {
             return Err(ApiError::EmptyPrompt);
         }
         let images = pieces.iter().filter(|p| matches!(p, PromptPiece::Image { .. })).count();
-        if images > 0 && (self.vq.is_none() || self.vocab.boi.is_none()) {
+        let starts = pieces.iter().any(|p| matches!(p, PromptPiece::ImageStart { .. }));
+        if (images > 0 || starts) && (self.vq.is_none() || self.vocab.boi.is_none()) {
             return Err(ApiError::ImagesUnsupported(
-                "this model has no VQ image encoder, so prompts cannot contain images".into(),
+                "this model has no VQ image model, so prompts cannot contain or start images".into(),
             ));
         }
         if images > self.limits.max_images_per_prompt {
@@ -199,6 +210,9 @@ impl Validator {
             match piece {
                 PromptPiece::Text { field, text } => ids.extend(self.tokenize(field, text)?),
                 PromptPiece::Image { field, png } => ids.extend(self.encode_image(field, png)?),
+                PromptPiece::ImageStart { field } => ids.push(self.vocab.boi.ok_or_else(|| {
+                    ApiError::ImagesUnsupported(format!("`{field}`: this model has no begin-of-image token"))
+                })?),
             }
             if ids.len() > self.prompt_limit() {
                 return Err(self.too_long(ids.len()));
@@ -357,7 +371,7 @@ fn decode_png(field: &str, png: &[u8]) -> Result<RgbImage, ApiError> {
     Ok(img.to_rgb8())
 }
 
-fn json_kind(v: &Value) -> &'static str {
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -31,10 +31,10 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
 pub async fn load(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: web::Json<LoadAdapterRequest>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     state.require_admin(&req)?;
-    let name = body.into_inner().name;
+    let name = LoadAdapterRequest::from_json(body.into_inner())?.name;
     check_name(&name)?;
     let dir = state.config.adapter_dir().join(&name);
     if !dir.is_dir() {

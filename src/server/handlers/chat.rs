@@ -25,9 +25,9 @@ use crate::server::AppState;
 
 pub async fn chat_completions(
     state: web::Data<AppState>,
-    body: web::Json<ChatRequest>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let req = body.into_inner();
+    let req = ChatRequest::from_json(body.into_inner())?;
     let model = req.model.clone().unwrap_or_else(|| state.model_name.clone());
     let (routing_mode, adapters) = route_for_model(&state, &req, &model)?;
     let pieces = state.validator.parse_chat(&req.messages)?;

@@ -16,8 +16,8 @@ use crate::server::error::ApiError;
 use crate::server::validation::Settings;
 use crate::server::AppState;
 
-pub async fn compare(state: web::Data<AppState>, body: web::Json<CompareRequest>) -> Result<HttpResponse, ApiError> {
-    let req = body.into_inner();
+pub async fn compare(state: web::Data<AppState>, body: web::Json<serde_json::Value>) -> Result<HttpResponse, ApiError> {
+    let req = CompareRequest::from_json(body.into_inner())?;
     let pieces = state.validator.parse_prompt(&req.prompt)?;
     let mut sampling = match req.sampling.clone() {
         None | Some(Value::Null) => serde_json::Map::new(),

@@ -15,9 +15,9 @@ use crate::server::AppState;
 
 pub async fn generate(
     state: web::Data<AppState>,
-    body: web::Json<GenerateRequest>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let req = body.into_inner();
+    let req = GenerateRequest::from_json(body.into_inner())?;
     let pieces = state.validator.parse_prompt(&req.prompt)?;
     let settings = Settings {
         max_tokens: req.max_tokens,

@@ -50,9 +50,6 @@ pub async fn run_to_end(
     let submitted = Instant::now();
     let rx = state.engine.submit(req)?;
     let out = collect(rx, submitted).await?;
-    for t in &out.tokens {
-        state.metrics.observe_token(&t.modality, t.adapter.as_deref());
-    }
     state.metrics.observe_generation(
         endpoint,
         &GenerationTimes {
@@ -77,8 +74,7 @@ pub fn sse_response(frames: impl Stream<Item = Result<Bytes, actix_web::Error>> 
 }
 
 /// Turns the engine's events into SSE frames with `encode` (which may
-/// return no frame for an event), recording token and latency metrics on
-/// the way. The stream owns the receiver: a client that disconnects drops
+/// return no frame for an event), recording latency metrics on the way. The stream owns the receiver: a client that disconnects drops
 /// the stream, hence the receiver, and the engine frees the sequence at its
 /// next step.
 pub fn event_stream<E>(
@@ -107,9 +103,8 @@ where
             });
             let last = matches!(event, InferEvent::End(_) | InferEvent::Error(_));
             match &event {
-                InferEvent::Token { modality, adapter, .. } => {
+                InferEvent::Token { .. } => {
                     s.first_token.get_or_insert_with(|| submitted.elapsed());
-                    s.state.metrics.observe_token(modality, adapter.as_deref());
                 }
                 InferEvent::End(c) => s.state.metrics.observe_generation(
                     endpoint,
