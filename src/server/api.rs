@@ -44,8 +44,12 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PromptPartJson {
-    Text { text: String },
-    Image { png_base64: String },
+    Text {
+        text: String,
+    },
+    Image {
+        png_base64: String,
+    },
     /// `<boi>` at the end of the prompt: generation starts with an image.
     ImageStart {},
 }
@@ -54,8 +58,14 @@ pub enum PromptPartJson {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OutputPart {
-    Text { text: String },
-    Image { png_base64: String, width: u32, height: u32 },
+    Text {
+        text: String,
+    },
+    Image {
+        png_base64: String,
+        width: u32,
+        height: u32,
+    },
 }
 
 /// A generated token and the adapter that served it most.
@@ -204,7 +214,9 @@ impl OutputPart {
         match self {
             OutputPart::Text { text } => ChatContentPart::Text { text: text.clone() },
             OutputPart::Image { png_base64, .. } => ChatContentPart::ImageUrl {
-                image_url: ImageUrl { url: format!("{PNG_DATA_URL_PREFIX}{png_base64}") },
+                image_url: ImageUrl {
+                    url: format!("{PNG_DATA_URL_PREFIX}{png_base64}"),
+                },
             },
         }
     }

@@ -96,7 +96,10 @@ impl Default for LimitsConfig {
 
 impl Default for HotSetSection {
     fn default() -> Self {
-        Self { capacity: 8, max_rank: 16 }
+        Self {
+            capacity: 8,
+            max_rank: 16,
+        }
     }
 }
 
@@ -106,12 +109,15 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read server config", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("{}: not a valid server config", path.display()))
+        toml::from_str(&text)
+            .with_context(|| format!("{}: not a valid server config", path.display()))
     }
 
     /// The adapter folder in force.
     pub fn adapter_dir(&self) -> PathBuf {
-        self.adapter_dir.clone().unwrap_or_else(|| self.model_dir.join(crate::random_model::ADAPTERS_DIR))
+        self.adapter_dir
+            .clone()
+            .unwrap_or_else(|| self.model_dir.join(crate::random_model::ADAPTERS_DIR))
     }
 
     /// Checks values that would make the server unusable.
@@ -192,7 +198,9 @@ impl ServeArgs {
     pub fn resolve(&self) -> Result<ServerConfig> {
         let mut cfg = match &self.config {
             Some(path) => ServerConfig::from_file(path)?,
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => ServerConfig::from_file(Path::new(DEFAULT_CONFIG_PATH))?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                ServerConfig::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
             None => ServerConfig::default(),
         };
         self.apply(&mut cfg);
@@ -246,12 +254,29 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_unknown_keys_are_refused() {
-        let mut cfg: ServerConfig = toml::from_str("bind = \"0.0.0.0:1\"\n[limits]\nmax_tokens = 7\n").unwrap();
-        assert_eq!((cfg.limits.max_tokens, cfg.limits.max_queue), (7, LimitsConfig::default().max_queue));
-        let args = ServeArgs { bind: Some("127.0.0.1:9".into()), max_queue: Some(3), ..Default::default() };
+        let mut cfg: ServerConfig =
+            toml::from_str("bind = \"0.0.0.0:1\"\n[limits]\nmax_tokens = 7\n").unwrap();
+        assert_eq!(
+            (cfg.limits.max_tokens, cfg.limits.max_queue),
+            (7, LimitsConfig::default().max_queue)
+        );
+        let args = ServeArgs {
+            bind: Some("127.0.0.1:9".into()),
+            max_queue: Some(3),
+            ..Default::default()
+        };
         args.apply(&mut cfg);
-        assert_eq!((cfg.bind.as_str(), cfg.limits.max_tokens, cfg.limits.max_queue), ("127.0.0.1:9", 7, 3));
-        let err = toml::from_str::<ServerConfig>("[limits]\nmax_tokenz = 7\n").unwrap_err().to_string();
+        assert_eq!(
+            (
+                cfg.bind.as_str(),
+                cfg.limits.max_tokens,
+                cfg.limits.max_queue
+            ),
+            ("127.0.0.1:9", 7, 3)
+        );
+        let err = toml::from_str::<ServerConfig>("[limits]\nmax_tokenz = 7\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_tokenz"), "{err}");
     }
 
@@ -259,6 +284,10 @@ mod tests {
     fn zero_limits_are_refused_by_name() {
         let mut cfg = ServerConfig::default();
         cfg.limits.max_queue = 0;
-        assert!(cfg.validate().unwrap_err().to_string().contains("limits.max_queue"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("limits.max_queue"));
     }
 }

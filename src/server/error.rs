@@ -121,7 +121,10 @@ impl ApiError {
     }
 
     pub fn body(&self) -> ErrorBody {
-        ErrorBody { error: self.to_string(), kind: self.kind() }
+        ErrorBody {
+            error: self.to_string(),
+            kind: self.kind(),
+        }
     }
 }
 
@@ -145,7 +148,8 @@ impl ResponseError for ApiError {
             tracing::debug!(kind = self.kind(), "{self}");
         }
         let mut res = HttpResponse::build(self.status()).json(self.body());
-        res.extensions_mut().insert(crate::server::metrics::ErrorKind(self.kind()));
+        res.extensions_mut()
+            .insert(crate::server::metrics::ErrorKind(self.kind()));
         res
     }
 }
@@ -181,10 +185,14 @@ fn from_payload(e: &PayloadError, limit: usize) -> ApiError {
 /// one of ours (413 for size, 415 for content type, 400/422 for serde).
 pub fn json_error(err: JsonPayloadError, limit: usize) -> ApiError {
     match &err {
-        JsonPayloadError::OverflowKnownLength { length, limit } => {
-            ApiError::PayloadTooLarge { limit: *limit, given: Some(*length) }
-        }
-        JsonPayloadError::Overflow { limit } => ApiError::PayloadTooLarge { limit: *limit, given: None },
+        JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::PayloadTooLarge {
+            limit: *limit,
+            given: Some(*length),
+        },
+        JsonPayloadError::Overflow { limit } => ApiError::PayloadTooLarge {
+            limit: *limit,
+            given: None,
+        },
         JsonPayloadError::ContentType => ApiError::UnsupportedMediaType(
             "the request body must be JSON (Content-Type: application/json)".into(),
         ),
@@ -223,7 +231,10 @@ mod tests {
             ApiError::InvalidAdapters("x".into()),
             ApiError::InvalidImage("x".into()),
             ApiError::ImagesUnsupported("x".into()),
-            ApiError::PayloadTooLarge { limit: 1, given: Some(2) },
+            ApiError::PayloadTooLarge {
+                limit: 1,
+                given: Some(2),
+            },
             ApiError::UnsupportedMediaType("x".into()),
             ApiError::Unauthorized,
             ApiError::ModelNotFound("x".into()),
@@ -240,7 +251,10 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
-        assert_eq!(ApiError::Overloaded("x".into()).status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            ApiError::Overloaded("x".into()).status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
     }
 
     #[test]
@@ -248,13 +262,25 @@ mod tests {
         let syntax = serde_json::from_str::<serde_json::Value>("{\"a\": ").unwrap_err();
         assert_eq!(from_serde(&syntax).status(), StatusCode::BAD_REQUEST);
         let shape = serde_json::from_str::<Vec<u32>>("{\"a\": 1}").unwrap_err();
-        assert_eq!(from_serde(&shape).status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            from_serde(&shape).status(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
     }
 
     #[test]
     fn payload_messages_name_the_limit_and_the_size() {
-        let e = json_error(JsonPayloadError::OverflowKnownLength { length: 900, limit: 100 }, 100);
+        let e = json_error(
+            JsonPayloadError::OverflowKnownLength {
+                length: 900,
+                limit: 100,
+            },
+            100,
+        );
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(e.to_string(), "the request body is larger than the limit of 100 bytes. Given: 900 bytes");
+        assert_eq!(
+            e.to_string(),
+            "the request body is larger than the limit of 100 bytes. Given: 900 bytes"
+        );
     }
 }

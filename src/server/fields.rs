@@ -31,11 +31,15 @@ impl Fields {
 
     /// A field that must be present (and not null).
     pub fn required<T: DeserializeOwned>(&mut self, key: &'static str) -> Result<T, ApiError> {
-        self.optional(key)?.ok_or_else(|| ApiError::InvalidRequest(format!("`{key}` is required")))
+        self.optional(key)?
+            .ok_or_else(|| ApiError::InvalidRequest(format!("`{key}` is required")))
     }
 
     /// A field that may be absent or null.
-    pub fn optional<T: DeserializeOwned>(&mut self, key: &'static str) -> Result<Option<T>, ApiError> {
+    pub fn optional<T: DeserializeOwned>(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Option<T>, ApiError> {
         self.known.push(key);
         match self.map.remove(key) {
             None | Some(Value::Null) => Ok(None),
@@ -58,7 +62,11 @@ impl Fields {
             Some(k) => Err(ApiError::InvalidRequest(format!(
                 "unknown field `{}`; expected one of {}",
                 super::validation::quote(k),
-                self.known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                self.known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -67,7 +75,9 @@ impl Fields {
 impl GenerateRequest {
     pub fn from_json(body: Value) -> Result<Self, ApiError> {
         let mut f = Fields::new(body)?;
-        let prompt = f.raw("prompt").ok_or_else(|| ApiError::InvalidRequest("`prompt` is required".into()))?;
+        let prompt = f
+            .raw("prompt")
+            .ok_or_else(|| ApiError::InvalidRequest("`prompt` is required".into()))?;
         let req = Self {
             prompt,
             max_tokens: f.optional("max_tokens")?,
@@ -85,7 +95,9 @@ impl GenerateRequest {
 impl CompareRequest {
     pub fn from_json(body: Value) -> Result<Self, ApiError> {
         let mut f = Fields::new(body)?;
-        let prompt = f.raw("prompt").ok_or_else(|| ApiError::InvalidRequest("`prompt` is required".into()))?;
+        let prompt = f
+            .raw("prompt")
+            .ok_or_else(|| ApiError::InvalidRequest("`prompt` is required".into()))?;
         let req = Self {
             prompt,
             max_tokens: f.optional("max_tokens")?,
@@ -132,7 +144,9 @@ impl ChatRequest {
 impl LoadAdapterRequest {
     pub fn from_json(body: Value) -> Result<Self, ApiError> {
         let mut f = Fields::new(body)?;
-        let req = Self { name: f.required("name")? };
+        let req = Self {
+            name: f.required("name")?,
+        };
         f.deny_unknown()?;
         Ok(req)
     }
@@ -144,23 +158,34 @@ mod tests {
     use serde_json::json;
 
     fn err(v: Value) -> String {
-        GenerateRequest::from_json(v).expect_err("must be refused").to_string()
+        GenerateRequest::from_json(v)
+            .expect_err("must be refused")
+            .to_string()
     }
 
     #[test]
     fn shape_errors_name_their_field() {
-        assert!(err(json!({"prompt": "x", "max_tokens": "ten"})).contains("`max_tokens`: invalid type: string \"ten\""));
+        assert!(err(json!({"prompt": "x", "max_tokens": "ten"}))
+            .contains("`max_tokens`: invalid type: string \"ten\""));
         assert!(err(json!({"prompt": "x", "stream": 1})).contains("`stream`"));
         assert!(err(json!({"max_tokens": 3})).contains("`prompt` is required"));
         let unknown = err(json!({"prompt": "x", "max_token": 3}));
-        assert!(unknown.contains("unknown field `max_token`") && unknown.contains("`max_tokens`"), "{unknown}");
+        assert!(
+            unknown.contains("unknown field `max_token`") && unknown.contains("`max_tokens`"),
+            "{unknown}"
+        );
         assert!(err(json!([1, 2])).contains("must be a JSON object; given: an array"));
     }
 
     #[test]
     fn absent_and_null_fields_take_their_defaults() {
-        let r = GenerateRequest::from_json(json!({"prompt": "x", "max_tokens": null, "stream": true})).unwrap();
-        assert_eq!((r.max_tokens, r.stream, r.return_tokens), (None, true, false));
+        let r =
+            GenerateRequest::from_json(json!({"prompt": "x", "max_tokens": null, "stream": true}))
+                .unwrap();
+        assert_eq!(
+            (r.max_tokens, r.stream, r.return_tokens),
+            (None, true, false)
+        );
     }
 
     #[test]
@@ -170,7 +195,9 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(r.max_tokens, Some(9));
-        let e = ChatRequest::from_json(json!({"messages": [{"content": "hi"}]})).unwrap_err().to_string();
+        let e = ChatRequest::from_json(json!({"messages": [{"content": "hi"}]}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`messages[0]`") && e.contains("role"), "{e}");
     }
 }

@@ -12,14 +12,16 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::engine::EngineStats;
 
 /// Latency buckets in seconds: 1 ms .. 60 s.
-const LATENCY_BUCKETS: [f64; 16] =
-    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
 
 /// Attached to every error response (in its extensions) so that the request
 /// middleware can count errors by their stable short name.
@@ -54,26 +56,30 @@ pub struct Metrics {
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric name");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric name");
-    r.register(Box::new(g.clone())).expect("metric registered once");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
     let h = HistogramVec::new(opts, labels).expect("valid metric name");
-    r.register(Box::new(h.clone())).expect("metric registered once");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
     h
 }
 
@@ -88,17 +94,56 @@ impl Metrics {
     /// in one process do not share counts).
     pub fn new() -> Self {
         let r = Registry::new();
-        let step_seconds = Gauge::new("molora_last_step_seconds", "Wall time of the latest engine step")
-            .expect("valid metric name");
-        r.register(Box::new(step_seconds.clone())).expect("metric registered once");
+        let step_seconds = Gauge::new(
+            "molora_last_step_seconds",
+            "Wall time of the latest engine step",
+        )
+        .expect("valid metric name");
+        r.register(Box::new(step_seconds.clone()))
+            .expect("metric registered once");
         Self {
-            requests: counter_vec(&r, "molora_requests_total", "HTTP requests by route and status", &["route", "status"]),
-            errors: counter_vec(&r, "molora_errors_total", "Error responses by their stable type", &["type"]),
-            request_seconds: histogram(&r, "molora_request_seconds", "Generation request latency", &["endpoint", "mode"]),
-            first_token_seconds: histogram(&r, "molora_time_to_first_token_seconds", "Submission to first token", &["mode"]),
-            queue_seconds: histogram(&r, "molora_queue_seconds", "Time a request waited for the batch", &["mode"]),
-            forward_seconds: histogram(&r, "molora_forward_seconds", "Forward time of a request's steps", &["mode"]),
-            tokens_by_modality: counter_vec(&r, "molora_tokens_total", "Generated tokens by modality", &["modality"]),
+            requests: counter_vec(
+                &r,
+                "molora_requests_total",
+                "HTTP requests by route and status",
+                &["route", "status"],
+            ),
+            errors: counter_vec(
+                &r,
+                "molora_errors_total",
+                "Error responses by their stable type",
+                &["type"],
+            ),
+            request_seconds: histogram(
+                &r,
+                "molora_request_seconds",
+                "Generation request latency",
+                &["endpoint", "mode"],
+            ),
+            first_token_seconds: histogram(
+                &r,
+                "molora_time_to_first_token_seconds",
+                "Submission to first token",
+                &["mode"],
+            ),
+            queue_seconds: histogram(
+                &r,
+                "molora_queue_seconds",
+                "Time a request waited for the batch",
+                &["mode"],
+            ),
+            forward_seconds: histogram(
+                &r,
+                "molora_forward_seconds",
+                "Forward time of a request's steps",
+                &["mode"],
+            ),
+            tokens_by_modality: counter_vec(
+                &r,
+                "molora_tokens_total",
+                "Generated tokens by modality",
+                &["modality"],
+            ),
             tokens_by_adapter: counter_vec(
                 &r,
                 "molora_adapter_tokens_total",
@@ -106,24 +151,62 @@ impl Metrics {
                 &["adapter"],
             ),
             images: counter(&r, "molora_images_total", "Generated images"),
-            queue_depth: gauge(&r, "molora_queue_depth", "Requests waiting for a batch slot"),
-            running: gauge(&r, "molora_running_sequences", "Sequences in the running batch"),
-            batch_size: gauge(&r, "molora_batch_size", "Sequences in the latest engine step"),
-            batch_rows: gauge(&r, "molora_batch_rows", "Token rows the latest engine step fed (all passes)"),
-            finished: counter(&r, "molora_requests_finished_total", "Requests the engine finished"),
-            failed: counter(&r, "molora_requests_failed_total", "Requests the engine failed"),
+            queue_depth: gauge(
+                &r,
+                "molora_queue_depth",
+                "Requests waiting for a batch slot",
+            ),
+            running: gauge(
+                &r,
+                "molora_running_sequences",
+                "Sequences in the running batch",
+            ),
+            batch_size: gauge(
+                &r,
+                "molora_batch_size",
+                "Sequences in the latest engine step",
+            ),
+            batch_rows: gauge(
+                &r,
+                "molora_batch_rows",
+                "Token rows the latest engine step fed (all passes)",
+            ),
+            finished: counter(
+                &r,
+                "molora_requests_finished_total",
+                "Requests the engine finished",
+            ),
+            failed: counter(
+                &r,
+                "molora_requests_failed_total",
+                "Requests the engine failed",
+            ),
             step_seconds,
             engine_steps: counter(&r, "molora_engine_steps_total", "Engine steps run"),
-            hot_hits: counter(&r, "molora_hot_set_hits_total", "Adapter acquisitions served from the hot set"),
-            hot_misses: counter(&r, "molora_hot_set_misses_total", "Adapter acquisitions that loaded a slot"),
-            hot_evictions: counter(&r, "molora_hot_set_evictions_total", "Adapters evicted from the hot set"),
+            hot_hits: counter(
+                &r,
+                "molora_hot_set_hits_total",
+                "Adapter acquisitions served from the hot set",
+            ),
+            hot_misses: counter(
+                &r,
+                "molora_hot_set_misses_total",
+                "Adapter acquisitions that loaded a slot",
+            ),
+            hot_evictions: counter(
+                &r,
+                "molora_hot_set_evictions_total",
+                "Adapters evicted from the hot set",
+            ),
             seen: Mutex::new(BTreeMap::new()),
             registry: r,
         }
     }
 
     pub fn observe_request(&self, route: &str, status: u16, error: Option<&'static str>) {
-        self.requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
         if let Some(kind) = error {
             self.errors.with_label_values(&[kind]).inc();
         }
@@ -132,12 +215,20 @@ impl Metrics {
     /// One finished generation (any endpoint).
     pub fn observe_generation(&self, endpoint: &str, done: &GenerationTimes<'_>) {
         let mode = done.mode;
-        self.request_seconds.with_label_values(&[endpoint, mode]).observe(done.wall.as_secs_f64());
+        self.request_seconds
+            .with_label_values(&[endpoint, mode])
+            .observe(done.wall.as_secs_f64());
         if let Some(t) = done.first_token {
-            self.first_token_seconds.with_label_values(&[mode]).observe(t.as_secs_f64());
+            self.first_token_seconds
+                .with_label_values(&[mode])
+                .observe(t.as_secs_f64());
         }
-        self.queue_seconds.with_label_values(&[mode]).observe(done.queue_ms / 1e3);
-        self.forward_seconds.with_label_values(&[mode]).observe(done.forward_ms / 1e3);
+        self.queue_seconds
+            .with_label_values(&[mode])
+            .observe(done.queue_ms / 1e3);
+        self.forward_seconds
+            .with_label_values(&[mode])
+            .observe(done.forward_ms / 1e3);
         self.images.inc_by(done.images as u64);
     }
 
@@ -155,10 +246,18 @@ impl Metrics {
         self.advance("failed", stats.requests_failed, &self.failed);
         self.batch_rows.set(stats.last_batch_rows as i64);
         for (modality, n) in &stats.tokens_by_modality {
-            self.advance(&format!("modality/{modality}"), *n, &self.tokens_by_modality.with_label_values(&[modality]));
+            self.advance(
+                &format!("modality/{modality}"),
+                *n,
+                &self.tokens_by_modality.with_label_values(&[modality]),
+            );
         }
         for (adapter, n) in &stats.tokens_by_adapter {
-            self.advance(&format!("adapter/{adapter}"), *n, &self.tokens_by_adapter.with_label_values(&[adapter]));
+            self.advance(
+                &format!("adapter/{adapter}"),
+                *n,
+                &self.tokens_by_adapter.with_label_values(&[adapter]),
+            );
         }
         let mut out = vec![];
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

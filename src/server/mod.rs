@@ -93,11 +93,15 @@ pub fn load_vq(model_dir: &Path, cfg: &Config, device: &Device) -> Result<Option
     let weights = model_dir.join(VQ_WEIGHTS_FILE);
     match (&cfg.vq_config, weights.exists()) {
         (Some(v), true) => {
-            let vq_cfg = VqConfig::from_value(v).with_context(|| format!("{}: vq_config", model_dir.display()))?;
+            let vq_cfg = VqConfig::from_value(v)
+                .with_context(|| format!("{}: vq_config", model_dir.display()))?;
             Ok(Some(VqModel::load(&weights, &vq_cfg, device)?))
         }
         (Some(_), false) => {
-            tracing::warn!("{}: vq_config is set but {VQ_WEIGHTS_FILE} is missing; images are off", model_dir.display());
+            tracing::warn!(
+                "{}: vq_config is set but {VQ_WEIGHTS_FILE} is missing; images are off",
+                model_dir.display()
+            );
             Ok(None)
         }
         (None, _) => Ok(None),
@@ -114,7 +118,10 @@ pub fn build_state(cfg: ServerConfig) -> Result<AppState> {
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| anyhow!("{}: cannot read tokenizer: {e}", tokenizer_path.display()))?;
     let vq = load_vq(&model_dir, &model_cfg, &device)?;
-    let hot = HotSetConfig { capacity: cfg.hot_set.capacity, max_rank: cfg.hot_set.max_rank };
+    let hot = HotSetConfig {
+        capacity: cfg.hot_set.capacity,
+        max_rank: cfg.hot_set.max_rank,
+    };
     let started = Instant::now();
     let (runner, refused) = ModelRunner::load(&model_dir, &cfg.adapter_dir(), hot, &device)?;
     for r in &refused {
@@ -144,7 +151,13 @@ pub fn build_state(cfg: ServerConfig) -> Result<AppState> {
         max_context: model_cfg.max_position_embeddings,
         preview_every: cfg.preview_every,
     };
-    Ok(AppState { engine, validator, metrics: Metrics::new(), config: cfg, model_name })
+    Ok(AppState {
+        engine,
+        validator,
+        metrics: Metrics::new(),
+        config: cfg,
+        model_name,
+    })
 }
 
 /// Routes and extractor settings; the body limit comes from the config.
@@ -160,33 +173,72 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
         c.app_data(state)
             .app_data(json)
             .app_data(web::PayloadConfig::new(limit))
-            .service(web::resource("/").get(playground::page).default_service(not_allowed()))
-            .service(web::resource("/health").get(ops::health).default_service(not_allowed()))
-            .service(web::resource("/metrics").get(ops::metrics).default_service(not_allowed()))
-            .service(web::resource("/v1/models").get(ops::models).default_service(not_allowed()))
-            .service(web::resource("/v1/generate").post(generate::generate).default_service(not_allowed()))
             .service(
-                web::resource("/v1/chat/completions").post(chat::chat_completions).default_service(not_allowed()),
+                web::resource("/")
+                    .get(playground::page)
+                    .default_service(not_allowed()),
             )
-            .service(web::resource("/v1/compare").post(compare::compare).default_service(not_allowed()))
             .service(
-                web::resource("/v1/adapters").get(adapters::list).post(adapters::load).default_service(not_allowed()),
+                web::resource("/health")
+                    .get(ops::health)
+                    .default_service(not_allowed()),
             )
-            .service(web::resource("/v1/adapters/{name}").delete(adapters::unload).default_service(not_allowed()))
+            .service(
+                web::resource("/metrics")
+                    .get(ops::metrics)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/models")
+                    .get(ops::models)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/generate")
+                    .post(generate::generate)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/chat/completions")
+                    .post(chat::chat_completions)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/compare")
+                    .post(compare::compare)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/adapters")
+                    .get(adapters::list)
+                    .post(adapters::load)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/adapters/{name}")
+                    .delete(adapters::unload)
+                    .default_service(not_allowed()),
+            )
             .default_service(web::to(error::not_found));
     }
 }
 
 /// Logs every request through tracing and counts it (by route pattern,
 /// status and error type).
-async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let start = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = req.method().clone();
     let path = req.path().to_string();
     let res = next.call(req).await?;
     let status = res.status().as_u16();
-    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".into());
     let kind = res.response().extensions().get::<ErrorKind>().map(|k| k.0);
     if let Some(state) = state {
         state.metrics.observe_request(&route, status, kind);
@@ -215,35 +267,53 @@ impl RunningServer {
 
     /// Blocks until the server exits (Ctrl-C stops it).
     pub fn wait(self) -> Result<()> {
-        self.thread.join().map_err(|_| anyhow!("the server thread panicked"))?.context("the HTTP server failed")
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("the server thread panicked"))?
+            .context("the HTTP server failed")
     }
 }
 
 /// Loads the model, binds `cfg.bind` (port 0 picks a free port) and serves
 /// on a background thread. Returns once the socket is bound.
 pub fn start(cfg: ServerConfig) -> Result<RunningServer> {
-    let listener = TcpListener::bind(&cfg.bind).with_context(|| format!("cannot bind {}", cfg.bind))?;
+    let listener =
+        TcpListener::bind(&cfg.bind).with_context(|| format!("cannot bind {}", cfg.bind))?;
     let addr = listener.local_addr()?;
     let workers = match cfg.workers {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
         n => n,
     };
     let state = web::Data::new(build_state(cfg)?);
     let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new().name("molora-http".into()).spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let server = HttpServer::new(move || App::new().wrap(from_fn(observe)).configure(configure(state.clone())))
+    let thread = std::thread::Builder::new()
+        .name("molora-http".into())
+        .spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .wrap(from_fn(observe))
+                        .configure(configure(state.clone()))
+                })
                 .workers(workers)
                 .shutdown_timeout(5)
                 .listen(listener)?
                 .run();
-            let _ = tx.send(server.handle());
-            server.await
-        })
-    })?;
-    let handle = rx.recv().map_err(|_| anyhow!("the HTTP server did not start"))?;
+                let _ = tx.send(server.handle());
+                server.await
+            })
+        })?;
+    let handle = rx
+        .recv()
+        .map_err(|_| anyhow!("the HTTP server did not start"))?;
     tracing::info!("listening on http://{addr}");
-    Ok(RunningServer { addr, handle, thread })
+    Ok(RunningServer {
+        addr,
+        handle,
+        thread,
+    })
 }
 
 /// `molora serve`: start and block until stopped.

@@ -37,12 +37,18 @@ impl PartBuilder {
 
     pub fn push_image(&mut self, png: &[u8], width: u32, height: u32) {
         self.flush_text();
-        self.parts.push(OutputPart::Image { png_base64: b64(png), width, height });
+        self.parts.push(OutputPart::Image {
+            png_base64: b64(png),
+            width,
+            height,
+        });
     }
 
     fn flush_text(&mut self) {
         if !self.text.is_empty() {
-            self.parts.push(OutputPart::Text { text: std::mem::take(&mut self.text) });
+            self.parts.push(OutputPart::Text {
+                text: std::mem::take(&mut self.text),
+            });
         }
     }
 
@@ -66,22 +72,37 @@ pub struct Collected {
 
 /// Drains the receiver into parts. An `Error` event or a closed channel
 /// without `End` is a generation failure (424).
-pub async fn collect(mut rx: UnboundedReceiver<InferEvent>, submitted: Instant) -> Result<Collected, ApiError> {
+pub async fn collect(
+    mut rx: UnboundedReceiver<InferEvent>,
+    submitted: Instant,
+) -> Result<Collected, ApiError> {
     let mut parts = PartBuilder::default();
     let mut tokens = vec![];
     let mut first_token = None;
     loop {
         let Some(event) = rx.recv().await else {
-            return Err(ApiError::Generation("the engine ended the request without an answer".into()));
+            return Err(ApiError::Generation(
+                "the engine ended the request without an answer".into(),
+            ));
         };
         match event {
-            InferEvent::Token { id, modality, adapter } => {
+            InferEvent::Token {
+                id,
+                modality,
+                adapter,
+            } => {
                 first_token.get_or_insert_with(|| submitted.elapsed());
-                tokens.push(TokenInfo { id, modality, adapter });
+                tokens.push(TokenInfo {
+                    id,
+                    modality,
+                    adapter,
+                });
             }
             InferEvent::TextDelta(t) => parts.push_text(&t),
             InferEvent::ImagePreview { .. } => {}
-            InferEvent::Image { png, width, height, .. } => parts.push_image(&png, width, height),
+            InferEvent::Image {
+                png, width, height, ..
+            } => parts.push_image(&png, width, height),
             InferEvent::End(completion) => {
                 return Ok(Collected {
                     parts: parts.finish(),
@@ -121,17 +142,37 @@ impl GenerateSse {
     /// The frame for one engine event.
     pub fn frame(&mut self, event: &InferEvent) -> Bytes {
         match event {
-            InferEvent::Token { id, modality, adapter } => {
+            InferEvent::Token {
+                id,
+                modality,
+                adapter,
+            } => {
                 self.last_adapter = adapter.clone();
-                sse_frame("token", &json!({"id": id, "modality": modality, "adapter": adapter}))
+                sse_frame(
+                    "token",
+                    &json!({"id": id, "modality": modality, "adapter": adapter}),
+                )
             }
-            InferEvent::TextDelta(text) => sse_frame("text", &json!({"text": text, "adapter": self.last_adapter})),
-            InferEvent::ImagePreview { index, codes_done, png, width, height } => sse_frame(
+            InferEvent::TextDelta(text) => {
+                sse_frame("text", &json!({"text": text, "adapter": self.last_adapter}))
+            }
+            InferEvent::ImagePreview {
+                index,
+                codes_done,
+                png,
+                width,
+                height,
+            } => sse_frame(
                 "image_preview",
                 &json!({"index": index, "codes_done": codes_done, "png_base64": b64(png),
                         "width": width, "height": height}),
             ),
-            InferEvent::Image { index, png, width, height } => sse_frame(
+            InferEvent::Image {
+                index,
+                png,
+                width,
+                height,
+            } => sse_frame(
                 "image",
                 &json!({"index": index, "png_base64": b64(png), "width": width, "height": height}),
             ),
@@ -158,24 +199,50 @@ mod tests {
         b.push_text("done");
         let parts = b.finish();
         assert_eq!(parts.len(), 4);
-        assert_eq!(parts[0], OutputPart::Text { text: "a red circle".into() });
+        assert_eq!(
+            parts[0],
+            OutputPart::Text {
+                text: "a red circle".into()
+            }
+        );
         assert!(matches!(&parts[1], OutputPart::Image { png_base64, .. } if png_base64 == "AQID"));
-        assert_eq!(parts[3], OutputPart::Text { text: "done".into() });
+        assert_eq!(
+            parts[3],
+            OutputPart::Text {
+                text: "done".into()
+            }
+        );
     }
 
     #[test]
     fn sse_frames_name_their_event_and_carry_one_json_line() {
         let mut s = GenerateSse::default();
-        let tok = s.frame(&InferEvent::Token { id: 7, modality: "text".into(), adapter: Some("math".into()) });
+        let tok = s.frame(&InferEvent::Token {
+            id: 7,
+            modality: "text".into(),
+            adapter: Some("math".into()),
+        });
         let tok = std::str::from_utf8(&tok).unwrap();
-        let data = tok.strip_prefix("event: token\ndata: ").and_then(|d| d.strip_suffix("\n\n")).expect(tok);
+        let data = tok
+            .strip_prefix("event: token\ndata: ")
+            .and_then(|d| d.strip_suffix("\n\n"))
+            .expect(tok);
         let v: serde_json::Value = serde_json::from_str(data).unwrap();
         assert_eq!(v, json!({"id": 7, "modality": "text", "adapter": "math"}));
         let text = s.frame(&InferEvent::TextDelta("hi\nthere".into()));
         let text = std::str::from_utf8(&text).unwrap();
-        assert!(text.starts_with("event: text\ndata: {") && text.contains("\"adapter\":\"math\""), "{text}");
-        assert_eq!(text.matches('\n').count(), 3, "newlines inside the text are escaped: {text}");
+        assert!(
+            text.starts_with("event: text\ndata: {") && text.contains("\"adapter\":\"math\""),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches('\n').count(),
+            3,
+            "newlines inside the text are escaped: {text}"
+        );
         let err = s.frame(&InferEvent::Error("boom".into()));
-        assert!(std::str::from_utf8(&err).unwrap().contains("\"type\":\"generation\""));
+        assert!(std::str::from_utf8(&err)
+            .unwrap()
+            .contains("\"type\":\"generation\""));
     }
 }

@@ -11,5 +11,7 @@ use actix_web::HttpResponse;
 pub const PLAYGROUND_HTML: &str = include_str!("static/playground.html");
 
 pub async fn page() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(PLAYGROUND_HTML)
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(PLAYGROUND_HTML)
 }

@@ -38,10 +38,18 @@ const QUOTE_CHARS: usize = 48;
 /// A prompt piece whose JSON shape was checked; images still undecoded.
 #[derive(Debug, Clone)]
 pub enum PromptPiece {
-    Text { field: String, text: String },
-    Image { field: String, png: Vec<u8> },
+    Text {
+        field: String,
+        text: String,
+    },
+    Image {
+        field: String,
+        png: Vec<u8>,
+    },
     /// `<boi>`, last in the prompt.
-    ImageStart { field: String },
+    ImageStart {
+        field: String,
+    },
 }
 
 /// Everything the validator needs, built once at start-up.
@@ -68,7 +76,10 @@ impl Validator {
     /// `prompt`: a string or an array of `{type: "text"|"image", ...}` parts.
     pub fn parse_prompt(&self, prompt: &Value) -> Result<Vec<PromptPiece>, ApiError> {
         let pieces = match prompt {
-            Value::String(s) => vec![PromptPiece::Text { field: "prompt".into(), text: s.clone() }],
+            Value::String(s) => vec![PromptPiece::Text {
+                field: "prompt".into(),
+                text: s.clone(),
+            }],
             Value::Array(parts) => {
                 let mut pieces = Vec::with_capacity(parts.len());
                 for (i, part) in parts.iter().enumerate() {
@@ -113,14 +124,20 @@ impl Validator {
         }
         let mut pieces = vec![];
         for (m, msg) in messages.iter().enumerate() {
-            if !matches!(msg.role.as_str(), "system" | "developer" | "user" | "assistant") {
+            if !matches!(
+                msg.role.as_str(),
+                "system" | "developer" | "user" | "assistant"
+            ) {
                 return Err(ApiError::InvalidRequest(format!(
                     "`messages[{m}].role` must be one of system, developer, user, assistant; given: {:?}",
                     quote(&msg.role)
                 )));
             }
             if m > 0 {
-                pieces.push(PromptPiece::Text { field: format!("messages[{m}]"), text: "\n".into() });
+                pieces.push(PromptPiece::Text {
+                    field: format!("messages[{m}]"),
+                    text: "\n".into(),
+                });
             }
             match &msg.content {
                 Value::String(s) => {
@@ -155,7 +172,10 @@ impl Validator {
                 }
             }
         }
-        pieces.push(PromptPiece::Text { field: "messages".into(), text: "\n".into() });
+        pieces.push(PromptPiece::Text {
+            field: "messages".into(),
+            text: "\n".into(),
+        });
         self.check_pieces(pieces)
     }
 
@@ -168,11 +188,17 @@ impl Validator {
         if !has_content {
             return Err(ApiError::EmptyPrompt);
         }
-        let images = pieces.iter().filter(|p| matches!(p, PromptPiece::Image { .. })).count();
-        let starts = pieces.iter().any(|p| matches!(p, PromptPiece::ImageStart { .. }));
+        let images = pieces
+            .iter()
+            .filter(|p| matches!(p, PromptPiece::Image { .. }))
+            .count();
+        let starts = pieces
+            .iter()
+            .any(|p| matches!(p, PromptPiece::ImageStart { .. }));
         if (images > 0 || starts) && (self.vq.is_none() || self.vocab.boi.is_none()) {
             return Err(ApiError::ImagesUnsupported(
-                "this model has no VQ image model, so prompts cannot contain or start images".into(),
+                "this model has no VQ image model, so prompts cannot contain or start images"
+                    .into(),
             ));
         }
         if images > self.limits.max_images_per_prompt {
@@ -200,7 +226,9 @@ impl Validator {
     /// Longest prompt accepted: the configured limit, leaving room for one
     /// new token in the context.
     pub fn prompt_limit(&self) -> usize {
-        self.limits.max_prompt_tokens.min(self.max_context.saturating_sub(1))
+        self.limits
+            .max_prompt_tokens
+            .min(self.max_context.saturating_sub(1))
     }
 
     /// Pieces -> token ids (blocking: decodes PNGs, runs the VQ encoder).
@@ -211,7 +239,9 @@ impl Validator {
                 PromptPiece::Text { field, text } => ids.extend(self.tokenize(field, text)?),
                 PromptPiece::Image { field, png } => ids.extend(self.encode_image(field, png)?),
                 PromptPiece::ImageStart { field } => ids.push(self.vocab.boi.ok_or_else(|| {
-                    ApiError::ImagesUnsupported(format!("`{field}`: this model has no begin-of-image token"))
+                    ApiError::ImagesUnsupported(format!(
+                        "`{field}`: this model has no begin-of-image token"
+                    ))
                 })?),
             }
             if ids.len() > self.prompt_limit() {
@@ -229,7 +259,10 @@ impl Validator {
         let ids = enc.get_ids().to_vec();
         let v = &self.vocab;
         let reserved = [v.bos, v.eos, v.pad, v.boi, v.eoi];
-        if let Some(&bad) = ids.iter().find(|&&id| reserved.contains(&Some(id)) || v.modality_of(id) != 0) {
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&id| reserved.contains(&Some(id)) || v.modality_of(id) != 0)
+        {
             let name = self.tokenizer.id_to_token(bad).unwrap_or_default();
             return Err(ApiError::InvalidRequest(format!(
                 "`{field}` contains the reserved token {name:?}; send images as image parts"
@@ -240,7 +273,9 @@ impl Validator {
 
     fn encode_image(&self, field: &str, png: &[u8]) -> Result<Vec<u32>, ApiError> {
         let (Some(vq), Some(boi), Some(eoi)) = (&self.vq, self.vocab.boi, self.vocab.eoi) else {
-            return Err(ApiError::ImagesUnsupported("this model cannot read images".into()));
+            return Err(ApiError::ImagesUnsupported(
+                "this model cannot read images".into(),
+            ));
         };
         let rgb = decode_png(field, png)?;
         let codes = vq
@@ -269,7 +304,11 @@ impl Validator {
     }
 
     /// Mode-specific rules of the adapter request (names are resolved by the engine).
-    pub fn check_adapters(&self, mode: RoutingMode, adapters: &AdapterRequest) -> Result<(), ApiError> {
+    pub fn check_adapters(
+        &self,
+        mode: RoutingMode,
+        adapters: &AdapterRequest,
+    ) -> Result<(), ApiError> {
         match (mode, adapters.forced.is_empty()) {
             (RoutingMode::PerSequence, true) => Err(ApiError::InvalidAdapters(
                 "`adapters.forced` must name at least one adapter when `routing_mode` is per_sequence".into(),
@@ -285,7 +324,11 @@ impl Validator {
     /// Sampling settings: the `sampling` object (GenerationParams fields),
     /// `max_tokens` resolved against the limits and the context left after
     /// a prompt of `prompt_len` tokens.
-    pub fn params(&self, prompt_len: usize, s: &Settings<'_>) -> Result<GenerationParams, ApiError> {
+    pub fn params(
+        &self,
+        prompt_len: usize,
+        s: &Settings<'_>,
+    ) -> Result<GenerationParams, ApiError> {
         let mut obj = match s.sampling {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(m)) => m.clone(),
@@ -316,10 +359,19 @@ impl Validator {
                 }
                 n
             }
-            None => self.limits.default_max_tokens.min(self.limits.max_tokens).min(room),
+            None => self
+                .limits
+                .default_max_tokens
+                .min(self.limits.max_tokens)
+                .min(room),
         };
-        let limits = Limits { max_tokens: self.limits.max_tokens, max_top_k: self.vocab.vocab_size };
-        params.validate(&limits).map_err(|e| ApiError::Validation(e.to_string()))?;
+        let limits = Limits {
+            max_tokens: self.limits.max_tokens,
+            max_top_k: self.vocab.vocab_size,
+        };
+        params
+            .validate(&limits)
+            .map_err(|e| ApiError::Validation(e.to_string()))?;
         Ok(params)
     }
 

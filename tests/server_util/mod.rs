@@ -25,7 +25,8 @@ pub const ADMIN_KEY: &str = "test-admin-key";
 pub fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("server-model-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("server-model-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         common::write_tiny(&dir);
         let path = dir.join("config.json");
@@ -38,7 +39,11 @@ pub fn model_dir() -> &'static Path {
         let vq_cfg: VqConfig = serde_json::from_value(vq_json.clone()).unwrap();
         assert_eq!(vq_cfg.tokens_per_image(), vocab.tokens_per_image);
         let vm = VarMap::new();
-        VqModel::new(&vq_cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).expect("tiny vq");
+        VqModel::new(
+            &vq_cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .expect("tiny vq");
         vm.save(dir.join(VQ_WEIGHTS_FILE)).expect("save vq");
         cfg.vq_config = Some(vq_json);
         cfg.to_file(&path).unwrap();
@@ -64,7 +69,10 @@ pub fn test_config() -> ServerConfig {
             max_batch_tokens: 64,
             max_images_per_prompt: 2,
         },
-        hot_set: HotSetSection { capacity: 8, max_rank: 8 },
+        hot_set: HotSetSection {
+            capacity: 8,
+            max_rank: 8,
+        },
         admin_key: Some(ADMIN_KEY.into()),
         preview_every: 4,
         workers: 2,
@@ -79,7 +87,10 @@ pub struct TestServer {
 impl TestServer {
     pub fn start(cfg: ServerConfig) -> Self {
         let server = molora::server::start(cfg).expect("server starts");
-        Self { url: server.url(), server: Some(server) }
+        Self {
+            url: server.url(),
+            server: Some(server),
+        }
     }
 
     pub fn at(&self, path: &str) -> String {
@@ -104,12 +115,20 @@ pub fn shared() -> &'static TestServer {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(std::time::Duration::from_secs(120)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 /// POSTs JSON and returns the status and the JSON body.
 pub async fn post(url: &str, body: &Value) -> (StatusCode, Value) {
-    let r = client().post(url).json(body).send().await.expect("request sent");
+    let r = client()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
     read_json(r).await
 }
 
@@ -120,7 +139,8 @@ pub async fn get(url: &str) -> (StatusCode, Value) {
 pub async fn read_json(r: reqwest::Response) -> (StatusCode, Value) {
     let status = r.status();
     let text = r.text().await.expect("body");
-    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?} (status {status})"));
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text:?} (status {status})"));
     (status, v)
 }
 
@@ -129,7 +149,9 @@ pub fn assert_error(got: &(StatusCode, Value), status: u16, kind: &str, words: &
     let (s, body) = got;
     assert_eq!(s.as_u16(), status, "{body}");
     assert_eq!(body["type"], kind, "{body}");
-    let msg = body["error"].as_str().unwrap_or_else(|| panic!("no error message: {body}"));
+    let msg = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message: {body}"));
     for w in words {
         assert!(msg.contains(w), "error message {msg:?} lacks {w:?}");
     }
@@ -178,14 +200,17 @@ pub fn png_base64(w: u32, h: u32) -> String {
         }
     });
     let mut png = vec![];
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
     base64::engine::general_purpose::STANDARD.encode(png)
 }
 
 /// Decodes a base64 PNG and returns its size.
 pub fn png_size(b64: &str) -> (u32, u32) {
     use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).expect("base64");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64");
     let img = image::load_from_memory(&bytes).expect("a PNG");
     (img.width(), img.height())
 }

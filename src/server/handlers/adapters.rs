@@ -43,10 +43,20 @@ pub async fn load(
             dir.display()
         )));
     }
-    match state.engine.adapter_command(AdapterCommand::Load { name: name.clone() }).await {
-        Ok(AdapterReply::Loaded { name, slot }) => Ok(HttpResponse::Ok().json(json!({"loaded": name, "slot": slot}))),
-        Ok(other) => Err(ApiError::Internal(format!("the engine answered a load with {other:?}"))),
-        Err(e) => Err(ApiError::AdapterRefused(format!("adapter {name:?} was not loaded: {e:#}"))),
+    match state
+        .engine
+        .adapter_command(AdapterCommand::Load { name: name.clone() })
+        .await
+    {
+        Ok(AdapterReply::Loaded { name, slot }) => {
+            Ok(HttpResponse::Ok().json(json!({"loaded": name, "slot": slot})))
+        }
+        Ok(other) => Err(ApiError::Internal(format!(
+            "the engine answered a load with {other:?}"
+        ))),
+        Err(e) => Err(ApiError::AdapterRefused(format!(
+            "adapter {name:?} was not loaded: {e:#}"
+        ))),
     }
 }
 
@@ -59,19 +69,33 @@ pub async fn unload(
     let name = name.into_inner();
     check_name(&name)?;
     if !status(&state).await?.iter().any(|a| a.name == name) {
-        return Err(ApiError::AdapterNotFound(format!("adapter {name:?} is not registered; see GET /v1/adapters")));
+        return Err(ApiError::AdapterNotFound(format!(
+            "adapter {name:?} is not registered; see GET /v1/adapters"
+        )));
     }
-    match state.engine.adapter_command(AdapterCommand::Unload { name: name.clone() }).await {
-        Ok(AdapterReply::Unloaded { name }) => Ok(HttpResponse::Ok().json(json!({"unloaded": name}))),
-        Ok(other) => Err(ApiError::Internal(format!("the engine answered an unload with {other:?}"))),
-        Err(e) => Err(ApiError::AdapterRefused(format!("adapter {name:?} was not unloaded: {e:#}"))),
+    match state
+        .engine
+        .adapter_command(AdapterCommand::Unload { name: name.clone() })
+        .await
+    {
+        Ok(AdapterReply::Unloaded { name }) => {
+            Ok(HttpResponse::Ok().json(json!({"unloaded": name})))
+        }
+        Ok(other) => Err(ApiError::Internal(format!(
+            "the engine answered an unload with {other:?}"
+        ))),
+        Err(e) => Err(ApiError::AdapterRefused(format!(
+            "adapter {name:?} was not unloaded: {e:#}"
+        ))),
     }
 }
 
 async fn status(state: &AppState) -> Result<Vec<crate::engine::AdapterInfo>, ApiError> {
     match state.engine.adapter_command(AdapterCommand::List).await {
         Ok(AdapterReply::Status(list)) => Ok(list),
-        Ok(other) => Err(ApiError::Internal(format!("the engine answered a listing with {other:?}"))),
+        Ok(other) => Err(ApiError::Internal(format!(
+            "the engine answered a listing with {other:?}"
+        ))),
         Err(e) => Err(ApiError::Internal(format!("cannot list adapters: {e:#}"))),
     }
 }
@@ -81,7 +105,9 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.chars().count() <= MAX_NAME_CHARS
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if ok {
         Ok(())
     } else {

@@ -28,7 +28,10 @@ pub async fn chat_completions(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let req = ChatRequest::from_json(body.into_inner())?;
-    let model = req.model.clone().unwrap_or_else(|| state.model_name.clone());
+    let model = req
+        .model
+        .clone()
+        .unwrap_or_else(|| state.model_name.clone());
     let (routing_mode, adapters) = route_for_model(&state, &req, &model)?;
     let pieces = state.validator.parse_chat(&req.messages)?;
     let mut text = serde_json::Map::new();
@@ -54,14 +57,25 @@ pub async fn chat_completions(
     };
     let valid = prepare(&state, pieces, &settings).await?;
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     if req.stream {
         let mode = valid.mode.as_str();
         let submitted = Instant::now();
         let prompt_tokens = valid.prompt.len();
         let rx = state.engine.submit(valid)?;
-        let mut chunks = ChunkWriter { id, created, model, prompt_tokens, started: false };
-        let frames = event_stream(state.clone(), "chat", mode, rx, submitted, move |ev| chunks.frames(ev));
+        let mut chunks = ChunkWriter {
+            id,
+            created,
+            model,
+            prompt_tokens,
+            started: false,
+        };
+        let frames = event_stream(state.clone(), "chat", mode, rx, submitted, move |ev| {
+            chunks.frames(ev)
+        });
         return Ok(sse_response(frames));
     }
     let prompt_tokens = valid.prompt.len();
@@ -74,10 +88,17 @@ pub async fn chat_completions(
         model,
         choices: vec![ChatChoice {
             index: 0,
-            message: ChatReply { role: "assistant".into(), content: out.parts.iter().map(OutputPart::to_chat).collect() },
+            message: ChatReply {
+                role: "assistant".into(),
+                content: out.parts.iter().map(OutputPart::to_chat).collect(),
+            },
             finish_reason: out.completion.finish_reason,
         }],
-        usage: ChatUsage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
+        usage: ChatUsage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        },
     }))
 }
 
@@ -95,7 +116,10 @@ fn route_for_model(
     if !info.adapters.iter().any(|a| a.name == model) {
         return Err(ApiError::ModelNotFound(model.to_string()));
     }
-    let mode = req.routing_mode.clone().or_else(|| Some("per_sequence".into()));
+    let mode = req
+        .routing_mode
+        .clone()
+        .or_else(|| Some("per_sequence".into()));
     let mut adapters = req.adapters.clone().unwrap_or_default();
     if mode.as_deref() == Some("per_sequence") && adapters.forced.is_empty() {
         adapters.forced = vec![model.to_string()];

@@ -16,13 +16,20 @@ use crate::server::error::ApiError;
 use crate::server::validation::Settings;
 use crate::server::AppState;
 
-pub async fn compare(state: web::Data<AppState>, body: web::Json<serde_json::Value>) -> Result<HttpResponse, ApiError> {
+pub async fn compare(
+    state: web::Data<AppState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
     let req = CompareRequest::from_json(body.into_inner())?;
     let pieces = state.validator.parse_prompt(&req.prompt)?;
     let mut sampling = match req.sampling.clone() {
         None | Some(Value::Null) => serde_json::Map::new(),
         Some(Value::Object(m)) => m,
-        Some(_) => return Err(ApiError::InvalidRequest("`sampling` must be an object".into())),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`sampling` must be an object".into(),
+            ))
+        }
     };
     // One seed for every run: the request's, the sampling object's, or a fresh one.
     let seed = match (req.seed, sampling.get("seed")) {
@@ -40,17 +47,27 @@ pub async fn compare(state: web::Data<AppState>, body: web::Json<serde_json::Val
         adapters: req.adapters.as_ref(),
     };
     let single = prepare(&state, pieces, &base).await?;
-    let mut runs = vec![single.clone(), with_mode(&single, RoutingMode::PerModalityPass, None)];
+    let mut runs = vec![
+        single.clone(),
+        with_mode(&single, RoutingMode::PerModalityPass, None),
+    ];
     if let Some(forced) = &req.per_sequence {
-        let adapters = AdapterRequest { forced: forced.clone(), ..single.adapters.clone() };
-        state.validator.check_adapters(RoutingMode::PerSequence, &adapters)?;
+        let adapters = AdapterRequest {
+            forced: forced.clone(),
+            ..single.adapters.clone()
+        };
+        state
+            .validator
+            .check_adapters(RoutingMode::PerSequence, &adapters)?;
         runs.push(with_mode(&single, RoutingMode::PerSequence, Some(adapters)));
     }
     let outputs = try_join_all(runs.into_iter().map(|r| {
         let state = state.clone();
         async move {
             let mode = r.mode;
-            run_to_end(&state, "compare", r).await.map(|out| (mode, out))
+            run_to_end(&state, "compare", r)
+                .await
+                .map(|out| (mode, out))
         }
     }))
     .await?;
@@ -71,10 +88,19 @@ pub async fn compare(state: web::Data<AppState>, body: web::Json<serde_json::Val
         0 => 0.0,
         rows => runs[1].routing.token_rows as f64 / rows as f64,
     };
-    Ok(HttpResponse::Ok().json(CompareResponse { seed, runs, identical, work_ratio }))
+    Ok(HttpResponse::Ok().json(CompareResponse {
+        seed,
+        runs,
+        identical,
+        work_ratio,
+    }))
 }
 
-fn with_mode(base: &ValidRequest, mode: RoutingMode, adapters: Option<AdapterRequest>) -> ValidRequest {
+fn with_mode(
+    base: &ValidRequest,
+    mode: RoutingMode,
+    adapters: Option<AdapterRequest>,
+) -> ValidRequest {
     let mut r = base.clone();
     r.mode = mode;
     if let Some(a) = adapters {

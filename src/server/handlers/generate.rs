@@ -31,7 +31,9 @@ pub async fn generate(
         let submitted = Instant::now();
         let rx = state.engine.submit(valid)?;
         let mut sse = GenerateSse::default();
-        let frames = event_stream(state.clone(), "generate", mode, rx, submitted, move |ev| vec![sse.frame(ev)]);
+        let frames = event_stream(state.clone(), "generate", mode, rx, submitted, move |ev| {
+            vec![sse.frame(ev)]
+        });
         return Ok(sse_response(frames));
     }
     let out = run_to_end(&state, "generate", valid).await?;

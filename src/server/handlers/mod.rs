@@ -65,7 +65,9 @@ pub async fn run_to_end(
 }
 
 /// A server-sent-events response over `frames`.
-pub fn sse_response(frames: impl Stream<Item = Result<Bytes, actix_web::Error>> + 'static) -> HttpResponse {
+pub fn sse_response(
+    frames: impl Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
+) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
@@ -94,7 +96,12 @@ where
         first_token: Option<std::time::Duration>,
         encode: E,
     }
-    let open = Open { state, rx, first_token: None, encode };
+    let open = Open {
+        state,
+        rx,
+        first_token: None,
+        encode,
+    };
     futures::stream::unfold(Some(open), move |open| async move {
         let mut s = open?;
         loop {
