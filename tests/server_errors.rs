@@ -44,11 +44,12 @@ async fn malformed_json_and_wrong_shapes() {
         "malformed_json",
         &[],
     );
+    // Any content type is read as JSON (curl -d sends a form type by default).
     assert_error(
         &raw("/v1/generate", "text/plain", "{}").await,
-        415,
-        "unsupported_media_type",
-        &["application/json"],
+        422,
+        "invalid_request",
+        &["`prompt` is required"],
     );
     let cases = [
         (
@@ -76,6 +77,10 @@ async fn malformed_json_and_wrong_shapes() {
         (
             json!({"prompt": "x", "sampling": {"text": {"temp": 1}}}),
             "`sampling`",
+        ),
+        (
+            json!({"prompt": "x", "sampling": {"temprature": 1}}),
+            "unknown field `sampling.temprature`",
         ),
         (
             json!({"prompt": "x", "sampling": 3}),

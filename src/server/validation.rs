@@ -34,6 +34,8 @@ const MAX_INPUT_IMAGE_SIDE: u32 = 4096;
 const MAX_INPUT_IMAGE_BYTES: u64 = 128 * 1024 * 1024;
 /// Given values quoted in messages are cut to this many characters.
 const QUOTE_CHARS: usize = 48;
+/// The fields of `GenerationParams`, as the `sampling` object spells them.
+const SAMPLING_FIELDS: [&str; 6] = ["max_tokens", "text", "image", "cfg_scale", "seed", "stop_at_eos"];
 
 /// A prompt piece whose JSON shape was checked; images still undecoded.
 #[derive(Debug, Clone)]
@@ -339,6 +341,13 @@ impl Validator {
                 )))
             }
         };
+        if let Some(bad) = obj.keys().find(|k| !SAMPLING_FIELDS.contains(&k.as_str())) {
+            return Err(ApiError::InvalidRequest(format!(
+                "unknown field `sampling.{}`; expected one of {}",
+                quote(bad),
+                SAMPLING_FIELDS.map(|f| format!("`{f}`")).join(", ")
+            )));
+        }
         let inner_max = match obj.remove("max_tokens") {
             None | Some(Value::Null) => None,
             Some(v) => Some(

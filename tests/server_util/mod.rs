@@ -21,12 +21,18 @@ use crate::common;
 pub const ADMIN_KEY: &str = "test-admin-key";
 
 /// The tiny model (tests/common) plus a random VQ for its 4x4 grid of 64
-/// codes (16x16 pixels), written once per test process.
+/// codes (16x16 pixels), written once per test process under target/tmp.
 pub fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("server-model-{}", std::process::id()));
+        // One folder per test binary, rewritten each run (cargo runs test
+        // binaries one after another).
+        let exe = std::env::current_exe().expect("test binary path");
+        let name = exe
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("model-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         common::write_tiny(&dir);
         let path = dir.join("config.json");
