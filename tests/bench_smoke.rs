@@ -8,7 +8,11 @@ use molora::bench::{run, BenchOptions};
 fn quick_bench_produces_every_row() {
     let rows = run(&BenchOptions::quick()).expect("bench runs");
     let count = |name: &str| rows.iter().filter(|r| r["bench"] == name).count();
-    assert_eq!(count("modes"), 8, "K in {{2, 4}} x prefill/decode x batch 1/16");
+    assert_eq!(
+        count("modes"),
+        8,
+        "K in {{2, 4}} x prefill/decode x batch 1/16"
+    );
     assert_eq!(count("lora_overhead"), 2);
     assert_eq!(count("decode_floor"), 1);
     for r in &rows {
@@ -19,5 +23,8 @@ fn quick_bench_produces_every_row() {
         }
     }
     let lora = rows.iter().find(|r| r["bench"] == "lora_overhead").unwrap();
-    assert!(lora["adapters_per_token"].as_f64().unwrap() > 1.0, "the gate adds adapters: {lora}");
+    assert!(
+        lora["adapters_per_token"].as_f64().unwrap() > 1.0,
+        "the gate adds adapters: {lora}"
+    );
 }

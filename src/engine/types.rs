@@ -54,13 +54,28 @@ pub struct ValidRequest {
 pub enum InferEvent {
     /// One generated token, with the adapter that served it most (the
     /// playground colours tokens by it).
-    Token { id: u32, modality: String, adapter: Option<String> },
+    Token {
+        id: u32,
+        modality: String,
+        adapter: Option<String>,
+    },
     /// New text since the last delta.
     TextDelta(String),
     /// A partial picture: the codes so far, the rest left blank.
-    ImagePreview { index: usize, codes_done: usize, png: Vec<u8>, width: u32, height: u32 },
+    ImagePreview {
+        index: usize,
+        codes_done: usize,
+        png: Vec<u8>,
+        width: u32,
+        height: u32,
+    },
     /// A finished picture.
-    Image { index: usize, png: Vec<u8>, width: u32, height: u32 },
+    Image {
+        index: usize,
+        png: Vec<u8>,
+        width: u32,
+        height: u32,
+    },
     /// The last event of a successful request.
     End(Completion),
     /// The last event of a failed request.
