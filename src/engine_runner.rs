@@ -295,7 +295,7 @@ impl ModelRunner {
 
     /// The adapter registered for modality `m`, by its role.
     pub fn modality_adapter(&self, modality: &str) -> Option<String> {
-        self.hot_set.cold_names().into_iter().find(|n| {
+        self.hot_set.names().into_iter().find(|n| {
             matches!(self.hot_set.role_of(n), Some(AdapterRole::Modality { modality: m }) if m == modality)
         })
     }
