@@ -279,9 +279,11 @@ async fn a_full_queue_answers_429_and_the_rest_succeed() {
     let mut cfg = test_config();
     cfg.limits.max_batch_size = 1;
     cfg.limits.max_queue = 1;
+    cfg.limits.max_tokens = 400;
     let server = TestServer::start(cfg);
     let url = server.at("/v1/generate");
-    let body = json!({"prompt": "busy", "max_tokens": 64, "sampling": seeded(1)});
+    // Long enough that all twelve arrive while the first one runs.
+    let body = json!({"prompt": "busy", "max_tokens": 400, "sampling": seeded(1)});
     let answers = join_all((0..12).map(|_| post(&url, &body))).await;
     let ok = answers.iter().filter(|(s, _)| *s == 200).count();
     let full: Vec<_> = answers.iter().filter(|(s, _)| *s == 429).collect();
@@ -309,10 +311,12 @@ async fn a_full_queue_answers_429_and_the_rest_succeed() {
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
     let mut cfg = test_config();
-    cfg.limits.max_tokens = 240;
+    cfg.limits.max_tokens = 2000;
     cfg.limits.max_batch_size = 1;
     let server = TestServer::start(cfg);
-    let body = json!({"prompt": "go on", "max_tokens": 240, "sampling": seeded(2), "stream": true});
+    // 2000 tokens take far longer than noticing the disconnect.
+    let body =
+        json!({"prompt": "go on", "max_tokens": 2000, "sampling": seeded(2), "stream": true});
     let r = client()
         .post(server.at("/v1/generate"))
         .json(&body)

@@ -11,6 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use molora::engine::images::VQ_WEIGHTS_FILE;
 use molora::model::config::Config;
 use molora::model::vq::{VqConfig, VqModel};
+use molora::random_model::{write_random_model, RandomModelSpec};
 use molora::server::config::{HotSetSection, LimitsConfig, ServerConfig};
 use molora::server::RunningServer;
 use reqwest::StatusCode;
@@ -20,7 +21,7 @@ use crate::common;
 
 pub const ADMIN_KEY: &str = "test-admin-key";
 
-/// The tiny model (tests/common) plus a random VQ for its 4x4 grid of 64
+/// The tiny model (tests/common, with a 2048-token context) plus a random VQ for its 4x4 grid of 64
 /// codes (16x16 pixels), written once per test process under target/tmp.
 pub fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -34,7 +35,12 @@ pub fn model_dir() -> &'static Path {
             .unwrap_or_default();
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("model-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
-        common::write_tiny(&dir);
+        // A long context so that a stream outlasts a client's disconnect.
+        let spec = RandomModelSpec {
+            max_position_embeddings: 2048,
+            ..common::tiny_spec()
+        };
+        write_random_model(&dir, &spec).expect("write the tiny model");
         let path = dir.join("config.json");
         let mut cfg = Config::from_file(&path).expect("tiny config");
         let vocab = cfg.vocab().unwrap();
