@@ -299,6 +299,9 @@ pub fn start(cfg: ServerConfig) -> Result<RunningServer> {
                 })
                 .workers(workers)
                 .shutdown_timeout(5)
+                // Streams are many small writes: without this, Nagle's algorithm
+                // holds each one until the client's delayed ACK (~40 ms).
+                .tcp_nodelay(true)
                 .listen(listener)?
                 .run();
                 let _ = tx.send(server.handle());

@@ -35,7 +35,14 @@ const MAX_INPUT_IMAGE_BYTES: u64 = 128 * 1024 * 1024;
 /// Given values quoted in messages are cut to this many characters.
 const QUOTE_CHARS: usize = 48;
 /// The fields of `GenerationParams`, as the `sampling` object spells them.
-const SAMPLING_FIELDS: [&str; 6] = ["max_tokens", "text", "image", "cfg_scale", "seed", "stop_at_eos"];
+const SAMPLING_FIELDS: [&str; 6] = [
+    "max_tokens",
+    "text",
+    "image",
+    "cfg_scale",
+    "seed",
+    "stop_at_eos",
+];
 
 /// A prompt piece whose JSON shape was checked; images still undecoded.
 #[derive(Debug, Clone)]
