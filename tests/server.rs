@@ -120,9 +120,10 @@ async fn image_input_and_image_output() {
     let body = json!({"prompt": prompt, "max_tokens": tpi + 2, "sampling": seeded(3)});
     let (status, r) = post(&s.at("/v1/generate"), &body).await;
     assert_eq!(status, 200, "{r}");
-    // <s> + <boi> 16 codes <eoi> + text + <boi>.
+    // <s>, <boi> 16 codes <eoi>, at least one text token, <boi>.
+    let min_prompt = 1 + (tpi + 2) + 1 + 1;
     assert!(
-        r["usage"]["prompt_tokens"].as_u64().unwrap() >= 1 + 18 + 1 + 1,
+        r["usage"]["prompt_tokens"].as_u64().unwrap() as usize >= min_prompt,
         "{r}"
     );
     assert_eq!(r["usage"]["images"], 1, "{r}");
