@@ -8,7 +8,7 @@
 //! token's output row is taken from the pass of its own group.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 
 use crate::adapters::hot_set::{HotSet, HotSetConfig};
 use crate::adapters::peft::LoraAdapter;
-use crate::adapters::{AdapterRole, SlotId};
+use crate::adapters::{AdapterRole, SlotId, NULL_SLOT};
 use crate::model::config::VocabLayout;
 use crate::model::decoder::{BatchInput, Decoder, LoraContext, SeqSlice};
 use crate::model::kv_cache::KvCache;
@@ -91,12 +91,29 @@ pub struct ForwardReport {
     /// route a row differently at each layer).
     pub rows_per_adapter: BTreeMap<String, f64>,
     pub elapsed: Duration,
+    /// The same counts for each entry of `steps`, in order.
+    pub per_seq: Vec<SeqReport>,
+}
+
+/// One [`SeqStep`]'s share of a forward.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeqReport {
+    /// Passes its tokens went through (its number of caches).
+    pub passes: usize,
+    /// Its token rows over all those passes.
+    pub rows_processed: usize,
+    /// Its rows routed to each adapter, averaged over layers.
+    pub rows_per_adapter: BTreeMap<String, f64>,
 }
 
 pub struct StepOutput {
     /// `[N, d]`: final hidden state of every new token, in the order of the steps.
     pub hidden: Tensor,
     pub report: ForwardReport,
+    /// For each row of `hidden`: the learned gate's best pick at the last
+    /// layer (NULL_SLOT where the gate did not score the row), taken from the
+    /// pass the row's output came from.
+    pub top_picks: Vec<SlotId>,
 }
 
 pub struct ModelRunner {
@@ -104,6 +121,11 @@ pub struct ModelRunner {
     pub vocab: VocabLayout,
     pub hot_set: HotSet,
     pub gate: Option<Gate>,
+    /// Where the model was loaded from ([`ModelRunner::load`]; `None` for a
+    /// runner built in memory).
+    pub model_dir: Option<PathBuf>,
+    /// The folder adapters are loaded from by name.
+    pub adapter_dir: Option<PathBuf>,
 }
 
 impl ModelRunner {
@@ -114,6 +136,8 @@ impl ModelRunner {
             vocab,
             hot_set,
             gate,
+            model_dir: None,
+            adapter_dir: None,
         })
     }
 
@@ -146,7 +170,10 @@ impl ModelRunner {
         let mut outputs = Vec::with_capacity(num_passes);
         // Where each pass's rows start in the concatenated pass outputs.
         let mut pass_offsets = Vec::with_capacity(num_passes);
-        let mut row_layers = vec![0u64; self.hot_set.num_slots()];
+        let slots = self.hot_set.num_slots();
+        let mut row_layers = vec![0u64; slots];
+        let mut owner_layers = vec![0u64; steps.len() * slots];
+        let mut picks = Vec::new();
         let mut rows_processed = 0;
         for pass in 0..num_passes {
             let mut batch = BatchInput {
@@ -155,7 +182,13 @@ impl ModelRunner {
             };
             let mut rows = vec![];
             let mut gate_sets = vec![];
-            for s in steps.iter().filter(|s| pass < s.caches.len()) {
+            let mut owners = vec![];
+            for (owner, s) in steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| pass < s.caches.len())
+            {
+                owners.extend(std::iter::repeat_n(owner as u32, s.tokens.len()));
                 let group = s.adapters.pass_groups()[pass];
                 let gs = gate_sets.len();
                 gate_sets.push(s.adapters.gate_set.clone());
@@ -175,36 +208,75 @@ impl ModelRunner {
             }
             pass_offsets.push(rows_processed);
             rows_processed += batch.tokens.len();
-            let router = Router::new(&self.hot_set, self.gate.as_ref(), rows, gate_sets);
+            let n_rows = rows.len();
+            let router = Router::new(&self.hot_set, self.gate.as_ref(), rows, gate_sets)
+                .with_owners(owners, steps.len());
             let lora: Option<&dyn LoraContext> = (!router.is_empty()).then_some(&router);
             outputs.push(self.decoder.forward(&batch, pool, lora)?);
             for (acc, n) in row_layers.iter_mut().zip(router.row_layers()) {
                 *acc += n;
             }
+            for (acc, n) in owner_layers.iter_mut().zip(router.owner_row_layers()) {
+                *acc += n;
+            }
+            let mut top = router.top_picks();
+            top.resize(n_rows, NULL_SLOT);
+            picks.extend(top);
         }
-        let hidden = self.assemble(steps, &outputs, &pass_offsets)?;
+        let (hidden, top_picks) = match self.pass_index(steps, num_passes, &pass_offsets) {
+            None => (self.first_or_empty(&outputs)?, picks),
+            Some(index) => {
+                let top_picks = index.iter().map(|&i| picks[i as usize]).collect();
+                let all = Tensor::cat(&outputs, 0)?;
+                let n = index.len();
+                (
+                    all.index_select(&Tensor::from_vec(index, n, all.device())?, 0)?,
+                    top_picks,
+                )
+            }
+        };
+        let per_seq = steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SeqReport {
+                passes: s.caches.len(),
+                rows_processed: s.tokens.len() * s.caches.len(),
+                rows_per_adapter: self.name_rows(&owner_layers[i * slots..(i + 1) * slots]),
+            })
+            .collect();
         let report = ForwardReport {
             passes: num_passes,
             rows_processed,
             rows_per_adapter: self.name_rows(&row_layers),
             elapsed: start.elapsed(),
+            per_seq,
         };
-        Ok(StepOutput { hidden, report })
+        Ok(StepOutput {
+            hidden,
+            report,
+            top_picks,
+        })
     }
 
-    /// Picks each token's row from the pass of its own group.
-    fn assemble(
+    fn first_or_empty(&self, outputs: &[Tensor]) -> Result<Tensor> {
+        Ok(outputs.first().cloned().unwrap_or(Tensor::zeros(
+            (0, self.decoder.config().hidden_size),
+            candle_core::DType::F32,
+            self.decoder.device(),
+        )?))
+    }
+
+    /// Where each token's output row sits in the concatenated pass outputs:
+    /// the pass of its own group. `None` when there is at most one pass
+    /// (the rows are already in order).
+    fn pass_index(
         &self,
         steps: &[SeqStep<'_>],
-        outputs: &[Tensor],
+        num_passes: usize,
         pass_offsets: &[usize],
-    ) -> Result<Tensor> {
-        if outputs.len() <= 1 {
-            return Ok(outputs.first().cloned().unwrap_or(Tensor::zeros(
-                (0, self.decoder.config().hidden_size),
-                candle_core::DType::F32,
-                self.decoder.device(),
-            )?));
+    ) -> Option<Vec<u32>> {
+        if num_passes <= 1 {
+            return None;
         }
         // Row cursor of each pass while walking the steps in order.
         let mut cursor = pass_offsets.to_vec();
@@ -226,10 +298,7 @@ impl ModelRunner {
                 *c += n;
             }
         }
-        let all = Tensor::cat(outputs, 0)?;
-        let n = index.len();
-        let idx = Tensor::from_vec(index, n, all.device())?;
-        Ok(all.index_select(&idx, 0)?)
+        Some(index)
     }
 
     fn name_rows(&self, row_layers: &[u64]) -> BTreeMap<String, f64> {
@@ -290,11 +359,15 @@ impl ModelRunner {
         } else {
             None
         };
-        Ok((Self::new(decoder, hot_set, gate)?, refused))
+        let mut runner = Self::new(decoder, hot_set, gate)?;
+        runner.model_dir = Some(model_dir.to_path_buf());
+        runner.adapter_dir = Some(adapter_dir.to_path_buf());
+        Ok((runner, refused))
     }
 
     /// The adapter registered for modality `m`, by its role.
     pub fn modality_adapter(&self, modality: &str) -> Option<String> {
+        // Every registered adapter, hot or cold (`cold_names` leaves hot ones out).
         self.hot_set.names().into_iter().find(|n| {
             matches!(self.hot_set.role_of(n), Some(AdapterRole::Modality { modality: m }) if m == modality)
         })

@@ -11,4 +11,5 @@ pub mod engine_runner;
 pub mod model;
 pub mod random_model;
 pub mod routing;
+pub mod server;
 pub mod train;

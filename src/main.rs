@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use molora::bench::{self, BenchOptions};
 use molora::random_model::{write_random_model, RandomModelSpec};
+use molora::server::config::ServeArgs;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API and the playground (reads configs/server.toml when
+    /// present; every field can be overridden by a flag).
+    Serve(ServeArgs),
     /// Write a random-initialised model directory (config, weights, tokenizer,
     /// modality and semantic adapters, gate).
     InitRandom {
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
 
 fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(args) => molora::server::serve(args.resolve()?),
         Command::InitRandom {
             out,
             hidden,

@@ -190,15 +190,3 @@ fn tiny_runner_vocab(dir: &std::path::Path) -> molora::model::config::VocabLayou
         .vocab()
         .unwrap()
 }
-
-#[test]
-fn modality_adapters_are_found_whether_hot_or_cold() {
-    let dir = tempfile::tempdir().unwrap();
-    write_tiny(dir.path());
-    let mut runner = runner(dir.path(), 8);
-    let first = runner.default_selection().unwrap();
-    // Now every adapter is hot; a second request must resolve the same slots.
-    let second = runner.default_selection().unwrap();
-    assert_eq!(first, second);
-    assert!(second.modality.iter().all(Option::is_some));
-}

@@ -8,4 +8,5 @@ pub mod kv_cache;
 pub mod mlp;
 pub mod norms;
 pub mod tokenizer;
+pub mod vq;
 pub mod weights;

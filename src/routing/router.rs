@@ -11,7 +11,7 @@ use std::cell::RefCell;
 
 use candle_core::Tensor;
 
-use crate::adapters::{hot_set::HotSet, Projection, SlotId};
+use crate::adapters::{hot_set::HotSet, Projection, SlotId, NULL_SLOT};
 use crate::dispatch::SlotWeights;
 use crate::model::decoder::LoraContext;
 use crate::routing::gate::Gate;
@@ -46,6 +46,13 @@ pub struct Router<'a> {
     plans: PlanSource<'a>,
     /// Row-layers routed to each slot, summed over the layers of this pass.
     row_layers: RefCell<Vec<u64>>,
+    /// Optional owner (e.g. sequence) of each row, and the number of owners.
+    owners: Option<(Vec<u32>, usize)>,
+    /// Row-layers per (owner, slot), flat `[owner * slots + slot]`.
+    owner_row_layers: RefCell<Vec<u64>>,
+    /// The gate's best pick of each row at the last gated layer planned
+    /// (NULL_SLOT for rows the gate does not score).
+    top_picks: RefCell<Vec<SlotId>>,
 }
 
 impl<'a> Router<'a> {
@@ -72,7 +79,31 @@ impl<'a> Router<'a> {
             gate_sets,
             plans,
             row_layers: RefCell::new(vec![0; slots]),
+            owners: None,
+            owner_row_layers: RefCell::new(vec![]),
+            top_picks: RefCell::new(vec![]),
         }
+    }
+
+    /// Also counts row-layers per owner: `owners[row]` < `num_owners`.
+    pub fn with_owners(mut self, owners: Vec<u32>, num_owners: usize) -> Self {
+        debug_assert_eq!(owners.len(), self.rows.len());
+        *self.owner_row_layers.get_mut() = vec![0; num_owners * self.hot_set.num_slots()];
+        self.owners = Some((owners, num_owners));
+        self
+    }
+
+    /// Row-layers per (owner, slot), flat `[owner * slots + slot]` (empty
+    /// without [`Router::with_owners`]).
+    pub fn owner_row_layers(&self) -> Vec<u64> {
+        self.owner_row_layers.borrow().clone()
+    }
+
+    /// The gate's best pick of each row at the last layer planned so far
+    /// (NULL_SLOT where the gate did not score the row); empty when no row
+    /// is gated.
+    pub fn top_picks(&self) -> Vec<SlotId> {
+        self.top_picks.borrow().clone()
     }
 
     /// Whether any row has an adapter at all (else the pass needs no router).
@@ -105,7 +136,10 @@ impl<'a> Router<'a> {
             RoutingPlan::with_capacity(self.rows.len(), self.rows.len() * (1 + gate.config.top_k));
         let mut next_gated = 0;
         let mut allowed = Vec::with_capacity(e);
-        for row in &self.rows {
+        let mut top = self.top_picks.borrow_mut();
+        top.clear();
+        top.resize(self.rows.len(), NULL_SLOT);
+        for (i, row) in self.rows.iter().enumerate() {
             let picks = match row.gate_set {
                 Some(set) => {
                     let set = &self.gate_sets[set];
@@ -113,12 +147,15 @@ impl<'a> Router<'a> {
                     allowed.extend(set.iter().map(|&(expert, _)| expert));
                     let s = &scores[next_gated * e..(next_gated + 1) * e];
                     next_gated += 1;
-                    gate.pick(s, &allowed)
+                    let picks: Vec<(SlotId, f32)> = gate
+                        .pick(s, &allowed)
                         .into_iter()
                         .map(|(expert, w)| {
                             (set.iter().find(|p| p.0 == expert).map_or(0, |p| p.1), w)
                         })
-                        .collect()
+                        .collect();
+                    top[i] = picks.first().map_or(NULL_SLOT, |p| p.0);
+                    picks
                 }
                 None => vec![],
             };
@@ -137,8 +174,15 @@ impl LoraContext for Router<'_> {
                 .grouped(self.hot_set.num_slots()),
         };
         let mut counts = self.row_layers.borrow_mut();
+        let mut by_owner = self.owner_row_layers.borrow_mut();
+        let slots = self.hot_set.num_slots();
         for (slot, rows, _) in plan.active_slots() {
             counts[slot as usize] += rows.len() as u64;
+            if let Some((owners, _)) = &self.owners {
+                for &r in rows {
+                    by_owner[owners[r as usize] as usize * slots + slot as usize] += 1;
+                }
+            }
         }
         Ok((!plan.is_empty()).then_some(plan))
     }

@@ -2,3 +2,5 @@
 //! and is evaluated on; everything there is deterministic from a seed.
 
 pub mod data;
+
+pub mod vq_train;

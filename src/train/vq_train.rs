@@ -1,0 +1,470 @@
+//! Training the VQ-VAE: reconstruction loss (L1 or MSE) + codebook loss +
+//! beta * commitment loss, straight-through gradients, AdamW, dead-code
+//! restarts, checkpoints that resume exactly.
+//!
+//! Invariants:
+//! - Deterministic from `seed`: weights are initialised from a seeded RNG
+//!   (candle's CPU RNG cannot be seeded), batches come from a closure given
+//!   the step index, and each dead-code restart draws from an RNG derived
+//!   from (seed, step). Two runs with the same inputs give the same weights.
+//! - A checkpoint holds everything the next step depends on (weights, AdamW
+//!   moments and step, code-usage counts), so "train N, save, resume, train
+//!   M" equals "train N + M".
+//! - Only ops with a backward are used (see `model::vq::blocks`); a test
+//!   checks that every variable receives a gradient, and another the whole
+//!   model's backward against finite differences.
+//!
+//! Speed (demo config, 2-core machine): a batch is processed in
+//! micro-batches of `micro_batch` images (2 is fastest here: activations
+//! stay in cache) whose gradients are summed; `threads` > 1 spreads them
+//! over threads, meant for processes run with `CANDLE_NUM_THREADS=1`.
+//! candle's intra-op threading on small tensors costs more than it gains
+//! on this machine.
+
+mod checkpoint;
+mod optim;
+mod shards;
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::model::vq::{VqConfig, VqModel};
+
+pub use checkpoint::{CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS};
+pub use optim::AdamW;
+
+/// Name of the codebook variable (taming's).
+pub const CODEBOOK: &str = "quantize.embedding.weight";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconLoss {
+    L1,
+    Mse,
+}
+
+fn default_beta() -> f64 {
+    0.25
+}
+
+/// Hyper-parameters of a VQ training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VqTrainConfig {
+    pub seed: u64,
+    pub learning_rate: f64,
+    /// Linear warm-up of the learning rate over this many steps (0 = none).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Weight of the commitment term (taming's beta).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// taming's `legacy=True` weighting: `commitment + beta * codebook`
+    /// instead of `codebook + beta * commitment`.
+    #[serde(default)]
+    pub legacy_beta: bool,
+    pub recon_loss: ReconLoss,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Every this many steps, codes unused since the last check are moved to
+    /// encoder outputs of the current batch (0 = never). When > 0, every
+    /// code also starts on an encoder output of the first batch (a
+    /// data-dependent init: taming's U(-1/n, 1/n) codebook sits far from the
+    /// encoder's outputs, and in our runs training barely moved without it).
+    #[serde(default)]
+    pub restart_every: u64,
+    /// Threads that share a batch's micro-batches (1 = none). Pair with
+    /// `CANDLE_NUM_THREADS=1` so that candle's ops stay on one thread.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Images per forward/backward; gradients of a batch's micro-batches
+    /// are summed before the update (0 = the whole batch at once).
+    #[serde(default)]
+    pub micro_batch: usize,
+}
+
+fn default_threads() -> usize {
+    1
+}
+
+impl VqTrainConfig {
+    /// Settings that work for the small models here.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            learning_rate: 1e-3,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            beta: 0.25,
+            legacy_beta: false,
+            recon_loss: ReconLoss::Mse,
+            checkpoint_every: 0,
+            restart_every: 50,
+            threads: 1,
+            micro_batch: 2,
+        }
+    }
+}
+
+/// The loss of one batch, as graph tensors (scalars).
+pub struct Losses {
+    pub total: Tensor,
+    pub reconstruction: Tensor,
+    pub codebook: Tensor,
+    pub commitment: Tensor,
+    /// Chosen codes (B, g*g) u32.
+    pub codes: Tensor,
+    /// Pre-quantization latents, one row per code, detached: (B*g*g, embed_dim).
+    pub latents: Tensor,
+}
+
+/// What one training step reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStats {
+    /// Steps completed, this one included.
+    pub step: u64,
+    pub loss: f32,
+    pub reconstruction: f32,
+    pub codebook: f32,
+    pub commitment: f32,
+    /// Distinct codes chosen in this batch.
+    pub codes_in_batch: usize,
+    /// Codebook entries re-initialised after this step.
+    pub restarted: usize,
+}
+
+pub struct VqTrainer {
+    cfg: VqConfig,
+    tcfg: VqTrainConfig,
+    varmap: VarMap,
+    model: VqModel,
+    opt: AdamW,
+    step: u64,
+    /// How often each code was chosen since the last restart check.
+    usage: Vec<u64>,
+}
+
+impl VqTrainer {
+    /// A fresh run: weights drawn from `tcfg.seed`.
+    pub fn new(cfg: &VqConfig, tcfg: &VqTrainConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.dropout != 0.0 {
+            bail!(
+                "VQ training supports `dropout` = 0 only (runs must be deterministic), got {}",
+                cfg.dropout
+            );
+        }
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = VqModel::new(cfg, vb)?;
+        init_weights(&varmap, tcfg.seed)?;
+        let params = ParamsAdamW {
+            lr: tcfg.learning_rate,
+            weight_decay: tcfg.weight_decay,
+            ..ParamsAdamW::default()
+        };
+        let opt = AdamW::new(named_vars(&varmap), params)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            tcfg: tcfg.clone(),
+            varmap,
+            model,
+            opt,
+            step: 0,
+            usage: vec![0; cfg.num_embeddings],
+        })
+    }
+
+    /// Continues the run saved in `dir` (see [`VqTrainer::save_checkpoint`]).
+    pub fn resume(
+        dir: &Path,
+        cfg: &VqConfig,
+        tcfg: &VqTrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut trainer = Self::new(cfg, tcfg, device)?;
+        checkpoint::restore(&mut trainer, dir)?;
+        Ok(trainer)
+    }
+
+    /// Resumes from `dir` when it holds a checkpoint, else starts fresh.
+    pub fn resume_or_new(
+        dir: &Path,
+        cfg: &VqConfig,
+        tcfg: &VqTrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        if dir.join(CHECKPOINT_STATE).exists() {
+            Self::resume(dir, cfg, tcfg, device)
+        } else {
+            Self::new(cfg, tcfg, device)
+        }
+    }
+
+    pub fn model(&self) -> &VqModel {
+        &self.model
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    pub fn config(&self) -> &VqConfig {
+        &self.cfg
+    }
+
+    pub fn train_config(&self) -> &VqTrainConfig {
+        &self.tcfg
+    }
+
+    /// Steps completed so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Forward pass and losses of one batch (B, 3, R, R) in [-1, 1].
+    pub fn losses(&self, images: &Tensor) -> Result<Losses> {
+        let out = self.model.forward_train(images)?;
+        let diff = (&out.reconstruction - images)?;
+        let reconstruction = match self.tcfg.recon_loss {
+            ReconLoss::L1 => diff.abs()?.mean_all()?,
+            ReconLoss::Mse => diff.sqr()?.mean_all()?,
+        };
+        let q = out.quantized;
+        let vq = if self.tcfg.legacy_beta {
+            (&q.commitment_loss + (&q.codebook_loss * self.tcfg.beta)?)?
+        } else {
+            (&q.codebook_loss + (&q.commitment_loss * self.tcfg.beta)?)?
+        };
+        let (_, c, _, _) = out.latents.dims4()?;
+        let latents = out
+            .latents
+            .detach()
+            .permute((0, 2, 3, 1))?
+            .reshape(((), c))?;
+        Ok(Losses {
+            total: (&reconstruction + vq)?,
+            reconstruction,
+            codebook: q.codebook_loss,
+            commitment: q.commitment_loss,
+            codes: q.codes,
+            latents,
+        })
+    }
+
+    /// Gradients of the total loss of one batch (for checks; no update).
+    pub fn gradients(&self, images: &Tensor) -> Result<(Losses, GradStore)> {
+        let losses = self.losses(images)?;
+        let grads = losses.total.backward()?;
+        Ok((losses, grads))
+    }
+
+    /// One optimisation step on `images`, then the dead-code check.
+    pub fn train_step(&mut self, images: &Tensor) -> Result<StepStats> {
+        let warm = self.tcfg.warmup_steps;
+        let lr = if warm > 0 && self.step < warm {
+            self.tcfg.learning_rate * (self.step + 1) as f64 / warm as f64
+        } else {
+            self.tcfg.learning_rate
+        };
+        self.opt.set_learning_rate(lr);
+        if self.step == 0 && self.tcfg.restart_every > 0 {
+            // Data-dependent codebook init: taming's U(-1/n, 1/n) entries sit
+            // far from the encoder's outputs, so start every code on one.
+            let z = self.model.encode_latents(images)?.detach();
+            let (_, c, _, _) = z.dims4()?;
+            let flat = z.permute((0, 2, 3, 1))?.reshape(((), c))?;
+            let all: Vec<usize> = (0..self.cfg.num_embeddings).collect();
+            self.reinit_codes(&all, &flat)?;
+        }
+        let vars = self.varmap.all_vars();
+        let (threads, micro) = (self.tcfg.threads, self.tcfg.micro_batch);
+        let batch = shards::batch_gradients(self, &vars, images, threads, micro)?;
+        self.opt
+            .step_with(|var| batch.grads.get(&var.as_tensor().id()).cloned())?;
+        self.step += 1;
+
+        let codes = batch.codes.flatten_all()?.to_vec1::<u32>()?;
+        let mut in_batch = vec![false; self.cfg.num_embeddings];
+        for &c in &codes {
+            self.usage[c as usize] += 1;
+            in_batch[c as usize] = true;
+        }
+        let every = self.tcfg.restart_every;
+        let restarted = if every > 0 && self.step.is_multiple_of(every) {
+            self.restart_dead_codes(&batch.latents)?
+        } else {
+            0
+        };
+        Ok(StepStats {
+            step: self.step,
+            loss: batch.loss,
+            reconstruction: batch.reconstruction,
+            codebook: batch.codebook,
+            commitment: batch.commitment,
+            codes_in_batch: in_batch.iter().filter(|&&b| b).count(),
+            restarted,
+        })
+    }
+
+    /// Trains until `total_steps` steps are done. `next_batch(step)` gives
+    /// the images of step `step` (0-based), so a resumed run sees the same
+    /// batches. Checkpoints go to `checkpoint_dir` every `checkpoint_every`
+    /// steps and at the end.
+    pub fn run<F, G>(
+        &mut self,
+        total_steps: u64,
+        mut next_batch: F,
+        checkpoint_dir: Option<&Path>,
+        mut on_step: G,
+    ) -> Result<()>
+    where
+        F: FnMut(u64) -> Result<Tensor>,
+        G: FnMut(&StepStats),
+    {
+        while self.step < total_steps {
+            let images = next_batch(self.step)?;
+            let stats = self.train_step(&images)?;
+            on_step(&stats);
+            if let Some(dir) = checkpoint_dir {
+                let every = self.tcfg.checkpoint_every;
+                if self.step == total_steps || (every > 0 && self.step.is_multiple_of(every)) {
+                    self.save_checkpoint(dir)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes weights (taming names, loadable by [`VqModel::load`]),
+    /// optimizer moments and the JSON state into `dir`.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        checkpoint::save(self, dir)
+    }
+
+    /// Writes only the model weights (the file `serve` loads).
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        checkpoint::save_weights(&self.varmap, path)
+    }
+
+    /// Moves every code unused since the last check onto a randomly chosen
+    /// encoder output of this batch (plus a little noise so that several
+    /// restarted codes do not coincide), and zeroes their optimizer moments.
+    fn restart_dead_codes(&mut self, latents: &Tensor) -> Result<usize> {
+        let dead: Vec<usize> = (0..self.usage.len())
+            .filter(|&i| self.usage[i] == 0)
+            .collect();
+        self.usage.iter_mut().for_each(|u| *u = 0);
+        self.reinit_codes(&dead, latents)?;
+        Ok(dead.len())
+    }
+
+    /// Sets codes `dead` to random rows of `latents` (N, embed_dim) plus a
+    /// little noise, and zeroes their optimizer moments.
+    fn reinit_codes(&mut self, dead: &[usize], latents: &Tensor) -> Result<()> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let (rows, dim) = latents.dims2()?;
+        let latents = latents.flatten_all()?.to_vec1::<f32>()?;
+        let var = find_var(&self.varmap, CODEBOOK)?;
+        let mut codebook = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let spread = std_dev(&latents).max(1e-6) * 0.01;
+        let mut rng = StdRng::seed_from_u64(mix(self.tcfg.seed, self.step));
+        for &code in dead {
+            let row = rng.random_range(0..rows);
+            for k in 0..dim {
+                let noise = rng.random_range(-1.0f32..1.0) * spread;
+                codebook[code * dim + k] = latents[row * dim + k] + noise;
+            }
+        }
+        let n = self.cfg.num_embeddings;
+        var.set(&Tensor::from_vec(codebook, (n, dim), var.device())?)?;
+        self.opt.reset_rows(CODEBOOK, dead)
+    }
+}
+
+/// Every variable of `varmap` with its name.
+fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn find_var(varmap: &VarMap, name: &str) -> Result<Var> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    match data.get(name) {
+        Some(v) => Ok(v.clone()),
+        None => bail!("model has no variable `{name}`"),
+    }
+}
+
+/// Seeds per restart without a stored RNG state: a SplitMix64 step of
+/// (seed, step).
+fn mix(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn std_dev(values: &[f32]) -> f32 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = values
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    var.sqrt() as f32
+}
+
+/// PyTorch's default initialisation, drawn from `seed` in name order:
+/// conv weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), GroupNorm
+/// weight 1 and bias 0, the codebook U(-1/n, 1/n) (taming's).
+pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
+    let mut vars = named_vars(varmap);
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let shapes: std::collections::HashMap<String, Vec<usize>> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for (name, var) in &vars {
+        let dims = var.dims().to_vec();
+        let count: usize = dims.iter().product();
+        let (module, leaf) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
+        let weight_dims = shapes.get(&format!("{module}.weight"));
+        let data: Vec<f32> = if name == CODEBOOK {
+            let bound = 1.0 / dims[0] as f32;
+            (0..count)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
+        } else if let Some(w) = weight_dims.filter(|w| w.len() == 4) {
+            // A conv: fan_in = in_channels * k * k.
+            let fan_in: usize = w[1..].iter().product();
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            (0..count)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
+        } else if leaf == "weight" {
+            vec![1.0; count]
+        } else {
+            vec![0.0; count]
+        };
+        let t = Tensor::from_vec(data, dims, var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
