@@ -46,6 +46,10 @@ struct Args {
     /// Batch items in the engine at once (limits.batch_concurrency).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Batch items in the engine while interactive requests run
+    /// (limits.batch_concurrency_busy); one latency run per value.
+    #[arg(long, value_delimiter = ',', default_value = "8,2")]
+    busy_concurrency: Vec<usize>,
     /// A model directory with a VQ model; default: a random demo-size one.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -181,6 +185,7 @@ fn start_server(
     model: &Path,
     data: &Path,
     concurrency: usize,
+    busy: usize,
 ) -> Result<molora::server::RunningServer> {
     let mut cfg = ServerConfig {
         bind: "127.0.0.1:0".into(),
@@ -190,6 +195,7 @@ fn start_server(
         ..ServerConfig::default()
     };
     cfg.limits.batch_concurrency = concurrency;
+    cfg.limits.batch_concurrency_busy = busy;
     cfg.validate()?;
     molora::server::start(cfg)
 }
@@ -217,7 +223,7 @@ async fn main() -> Result<()> {
 
     for mode in ["single_pass", "per_modality_pass"] {
         let data = scratch.path().join(format!("data-{mode}"));
-        let server = start_server(&model, &data, args.concurrency)?;
+        let server = start_server(&model, &data, args.concurrency, args.concurrency)?;
         let url = server.url();
         let id = submit(
             &client,
@@ -245,46 +251,52 @@ async fn main() -> Result<()> {
             .map_err(|_| anyhow::anyhow!("stop panicked"))??;
     }
 
-    let data = scratch.path().join("data-latency");
-    let server = start_server(&model, &data, args.concurrency)?;
-    let url = server.url();
-    interactive(&client, &url, 3, args.text_tokens).await?; // warm-up
-    let alone = interactive(&client, &url, args.interactive, args.text_tokens).await?;
-    let id = submit(
-        &client,
-        &url,
-        jsonl(args.background_items, "single_pass", args.text_tokens, tpi),
-    )
-    .await?;
-    let t = Instant::now();
-    let beside = interactive(&client, &url, args.interactive, args.text_tokens).await?;
-    let during = t.elapsed().as_secs_f64();
-    let job: Value = client
-        .get(format!("{url}/v1/batches/{id}"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let still_running = !matches!(job["status"].as_str(), Some("completed"));
-    let (secs, counts) = wait(&client, &url, &id, timeout).await?;
-    std::thread::spawn(move || server.stop())
-        .join()
-        .map_err(|_| anyhow::anyhow!("stop panicked"))??;
-    for (name, lat) in [("alone", &alone), ("beside a batch", &beside)] {
-        let (p50, p99) = (percentile(lat, 0.5), percentile(lat, 0.99));
+    for (run, &busy) in args.busy_concurrency.iter().enumerate() {
+        let data = scratch.path().join(format!("data-latency-{run}"));
+        let server = start_server(&model, &data, args.concurrency, busy)?;
+        let url = server.url();
+        interactive(&client, &url, 3, args.text_tokens).await?; // warm-up
+        let alone = interactive(&client, &url, args.interactive, args.text_tokens).await?;
+        let body = jsonl(args.background_items, "single_pass", args.text_tokens, tpi);
+        let id = submit(&client, &url, body).await?;
+        // Let the batch fill its places before the interactive run starts.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        let beside = interactive(&client, &url, args.interactive, args.text_tokens).await?;
+        let during = t.elapsed().as_secs_f64();
+        let job: Value = client
+            .get(format!("{url}/v1/batches/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let done_during = job["request_counts"]["completed"].as_u64().unwrap_or(0);
+        let still_running = job["status"] != "completed";
+        let (secs, counts) = wait(&client, &url, &id, timeout).await?;
+        std::thread::spawn(move || server.stop())
+            .join()
+            .map_err(|_| anyhow::anyhow!("stop panicked"))??;
+        let setting = format!("batch_concurrency {} / busy {busy}", args.concurrency);
+        for (name, lat) in [("alone", &alone), ("beside a batch", &beside)] {
+            let (p50, p99) = (percentile(lat, 0.5), percentile(lat, 0.99));
+            println!(
+                "{setting}: interactive {name}: p50 {p50:.1} ms, p99 {p99:.1} ms ({} requests)",
+                lat.len()
+            );
+            rows.push(format!(
+                "| interactive latency {name} | {setting} | {} | p50 {p50:.1} ms | p99 {p99:.1} ms |",
+                lat.len()
+            ));
+        }
         println!(
-            "interactive {name}: p50 {p50:.1} ms, p99 {p99:.1} ms ({} requests)",
-            lat.len()
+            "{setting}: background batch of {} items: {done_during} done during the {during:.1} s interactive run (still running: {still_running}), all {} in {secs:.1} s more",
+            args.background_items, counts["completed"]
         );
         rows.push(format!(
-            "| interactive latency | {name} | {} | p50 {p50:.1} ms | p99 {p99:.1} ms |",
-            lat.len()
+            "| batch items/s beside interactive | {setting} | {done_during} | {during:.1} s | {:.1} items/s |",
+            done_during as f64 / during
         ));
     }
-    println!(
-        "background batch: {} items in {secs:.1} s ({} completed); still running when the interactive run ended ({during:.1} s): {still_running}",
-        args.background_items, counts["completed"]
-    );
     println!("\n| what | mode / setting | n | time | figure |\n| --- | --- | --- | --- | --- |");
     for r in rows {
         println!("{r}");

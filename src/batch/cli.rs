@@ -130,6 +130,8 @@ pub fn run(args: &BatchArgs) -> Result<()> {
 
     let opts = RunnerOptions {
         concurrency: state.config.limits.batch_concurrency,
+        // Offline: no interactive traffic to make room for.
+        busy_concurrency: state.config.limits.batch_concurrency,
         stop_when_idle: true,
         poll: Duration::from_millis(100),
     };

@@ -117,6 +117,7 @@ async fn generate(
     valid.preview_every = None;
     let mode = valid.mode.as_str();
     let submitted = Instant::now();
+    let _in_engine = state.batches.enter_engine();
     let rx = match state.engine.submit(valid) {
         Ok(rx) => rx,
         Err(SubmitError::Overloaded(_)) => return Err(Attempt::NotNow(NotNow::Busy)),

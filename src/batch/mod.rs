@@ -28,6 +28,7 @@ mod sqlite_tests;
 pub mod store;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -51,6 +52,17 @@ pub struct BatchService {
     /// Wakes the runner when a job arrives.
     pub wake: Arc<Notify>,
     pub layout: FilesLayout,
+    /// Batch items submitted to the engine and not yet ended.
+    in_engine: Arc<AtomicUsize>,
+}
+
+/// Counts one batch item in the engine while it lives.
+pub struct InEngine(Arc<AtomicUsize>);
+
+impl Drop for InEngine {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl BatchService {
@@ -59,7 +71,23 @@ impl BatchService {
             store,
             wake: Arc::new(Notify::new()),
             layout,
+            in_engine: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Marks one batch item as in the engine until the guard is dropped.
+    pub fn enter_engine(&self) -> InEngine {
+        self.in_engine.fetch_add(1, Ordering::AcqRel);
+        InEngine(self.in_engine.clone())
+    }
+
+    /// Interactive requests the engine holds now (queued or running),
+    /// estimated as all its requests less the batch items: the engine's
+    /// running count is published after each step, so this may read one
+    /// too high for a step, never too low for long.
+    pub fn interactive_load(&self, engine: &crate::engine::EngineHandle) -> usize {
+        let s = engine.stats();
+        (s.running + s.queue_depth).saturating_sub(self.in_engine.load(Ordering::Acquire))
     }
 
     /// The folder a job's `images/` lives in.

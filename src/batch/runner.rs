@@ -9,6 +9,9 @@
 //! - at most `concurrency` items are in flight; keep it below the engine's
 //!   `max_batch_size` so interactive requests find a free place in the
 //!   running batch at once (the engine admits them before batch items);
+//!   while the engine holds interactive requests, new items start only
+//!   below `busy_concurrency`, so each step carries fewer batch rows and
+//!   interactive latency stays near what it is alone;
 //! - every claimed item ends recorded or released: on stop, items still
 //!   running are released back to pending (a crash leaves them in flight,
 //!   and recovery requeues them at the next start).
@@ -28,6 +31,11 @@ use super::execute::{run_item, NotNow};
 use super::model::ClaimedItem;
 use super::store::Recovered;
 use crate::server::AppState;
+
+/// How long the runner stays at `busy_concurrency` after it last saw an
+/// interactive request (a client sending one request after another leaves
+/// gaps shorter than this between them).
+pub const BUSY_HOLD: Duration = Duration::from_secs(1);
 
 /// The lock file beside the store.
 pub const LOCK_FILE: &str = "batches.lock";
@@ -63,6 +71,9 @@ impl DataLock {
 pub struct RunnerOptions {
     /// Items in flight at most.
     pub concurrency: usize,
+    /// Items in flight at most while interactive requests run, and for
+    /// [`BUSY_HOLD`] after the engine last held one.
+    pub busy_concurrency: usize,
     /// Exit when no item is pending or running (the CLI); the server's
     /// runner waits for new jobs instead.
     pub stop_when_idle: bool,
@@ -92,7 +103,7 @@ impl Runner {
     /// process owns the store.
     pub fn spawn(state: Arc<AppState>, opts: RunnerOptions, lock: DataLock) -> Result<Self> {
         anyhow::ensure!(
-            opts.concurrency >= 1,
+            opts.concurrency >= 1 && opts.busy_concurrency >= 1,
             "batch concurrency must be at least 1"
         );
         let store = state.batches.store.clone();
@@ -164,8 +175,16 @@ async fn drive(
     let mut running: HashSet<Key> = HashSet::new();
     let mut stats = RunStats::default();
     let mut engine_stopped = false;
+    let mut last_busy: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Acquire) && !engine_stopped {
-        let free = opts.concurrency.saturating_sub(tasks.len());
+        if svc.interactive_load(&state.engine) > 0 {
+            last_busy = Some(std::time::Instant::now());
+        }
+        let cap = match last_busy {
+            Some(t) if t.elapsed() < BUSY_HOLD => opts.busy_concurrency.min(opts.concurrency),
+            _ => opts.concurrency,
+        };
+        let free = cap.saturating_sub(tasks.len());
         if free > 0 {
             let store = svc.store.clone();
             match tokio::task::spawn_blocking(move || store.claim(free)).await? {
@@ -188,7 +207,7 @@ async fn drive(
             }
             continue;
         }
-        let room = tasks.len() < opts.concurrency;
+        let room = tasks.len() < cap;
         tokio::select! {
             Some(done) = tasks.join_next() => match done {
                 Ok((key, ended)) => {

@@ -131,6 +131,7 @@ pub fn start_batch_runner(state: Arc<AppState>) -> Result<Option<Runner>> {
     };
     let opts = RunnerOptions {
         concurrency: state.config.limits.batch_concurrency,
+        busy_concurrency: state.config.limits.batch_concurrency_busy,
         stop_when_idle: false,
         poll: std::time::Duration::from_millis(250),
     };
