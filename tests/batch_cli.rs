@@ -2,6 +2,7 @@
 //! with SIGKILL mid-run, rerun to the end (every item exactly once), rerun
 //! again (nothing to do), and refused on another input in the same folder.
 
+mod batch_util;
 mod common;
 mod server_util;
 
@@ -13,7 +14,7 @@ use serde_json::{json, Value};
 use server_util::model_dir;
 
 fn batch_cmd(input: &Path, out: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_molora"));
+    let mut c = Command::new(batch_util::molora_bin());
     c.arg("batch")
         .arg(input)
         .arg("--out")

@@ -74,6 +74,15 @@ pub async fn results(url: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The `molora` binary. `MOLORA_BIN` overrides cargo's path: with a target
+/// folder shared by several checkouts, `target/release/molora` may be
+/// another checkout's build by the time the test runs.
+pub fn molora_bin() -> std::path::PathBuf {
+    std::env::var_os("MOLORA_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_molora").into())
+}
+
 /// `molora serve` as a child on a free loopback port; the URL comes from
 /// its log line, and its stderr is drained so that it never blocks.
 pub struct ServeChild {
@@ -83,7 +92,7 @@ pub struct ServeChild {
 
 impl ServeChild {
     pub fn start(model: &Path, data_dir: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_molora"))
+        let mut child = Command::new(molora_bin())
             .arg("serve")
             .arg("--model")
             .arg(model)
