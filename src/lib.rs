@@ -4,6 +4,7 @@
 //! `server` -> `engine` -> `routing` + `model` -> `dispatch` + `adapters`.
 
 pub mod adapters;
+pub mod batch;
 pub mod bench;
 pub mod dispatch;
 pub mod engine;

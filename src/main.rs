@@ -26,6 +26,9 @@ enum Command {
     /// Serve the HTTP API and the playground (reads configs/server.toml when
     /// present; every field can be overridden by a flag).
     Serve(ServeArgs),
+    /// Run a batch file (JSONL `{custom_id, body}` lines) offline on the local
+    /// model; resumable: rerun the same command after an interruption.
+    Batch(molora::batch::cli::BatchArgs),
     /// Write a random-initialised model directory (config, weights, tokenizer,
     /// modality and semantic adapters, gate).
     InitRandom {
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
 fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => molora::server::serve(args.resolve()?),
+        Command::Batch(args) => molora::batch::cli::run(&args),
         Command::InitRandom {
             out,
             hidden,

@@ -23,7 +23,8 @@ pub struct ServerConfig {
     pub model_dir: PathBuf,
     /// Folder of adapters, one sub-folder each; `<model_dir>/adapters` when unset.
     pub adapter_dir: Option<PathBuf>,
-    /// Folder for the service's own files (batch jobs); created at start.
+    /// Folder for the service's own files: the batch store
+    /// (`batches.sqlite`) and batch pictures (`batches/<id>/images/`); created at start.
     pub data_dir: PathBuf,
     pub limits: LimitsConfig,
     pub hot_set: HotSetSection,
@@ -74,6 +75,17 @@ pub struct LimitsConfig {
     /// Token rows in one engine step (prefill chunks count in full).
     pub max_batch_tokens: usize,
     pub max_images_per_prompt: usize,
+    /// Most items (lines) in one batch job; more get 413.
+    pub max_batch_items: usize,
+    /// Largest batch body accepted (`POST /v1/batches`); larger get 413.
+    pub max_batch_bytes: usize,
+    /// Batch items in the engine at once. Keep it below `max_batch_size`
+    /// so interactive requests always find a place in the running batch.
+    pub batch_concurrency: usize,
+    /// Batch items in the engine at once while interactive requests are
+    /// running (and for a second after the last one): fewer batch rows per
+    /// step keep interactive latency close to what it is alone.
+    pub batch_concurrency_busy: usize,
 }
 
 /// The adapter hot set: slots preallocated on the device.
@@ -112,6 +124,10 @@ impl Default for LimitsConfig {
             max_batch_size: 32,
             max_batch_tokens: 2048,
             max_images_per_prompt: 4,
+            max_batch_items: 10_000,
+            max_batch_bytes: 64 * 1024 * 1024,
+            batch_concurrency: 8,
+            batch_concurrency_busy: 2,
         }
     }
 }
@@ -153,6 +169,10 @@ impl ServerConfig {
             ("limits.max_queue", l.max_queue),
             ("limits.max_batch_size", l.max_batch_size),
             ("limits.max_batch_tokens", l.max_batch_tokens),
+            ("limits.max_batch_items", l.max_batch_items),
+            ("limits.max_batch_bytes", l.max_batch_bytes),
+            ("limits.batch_concurrency", l.batch_concurrency),
+            ("limits.batch_concurrency_busy", l.batch_concurrency_busy),
             ("hot_set.capacity", self.hot_set.capacity),
             ("hot_set.max_rank", self.hot_set.max_rank),
         ] {
@@ -200,6 +220,18 @@ pub struct ServeArgs {
     pub max_batch_tokens: Option<usize>,
     #[arg(long)]
     pub max_images_per_prompt: Option<usize>,
+    /// Most items in one batch job.
+    #[arg(long)]
+    pub max_batch_items: Option<usize>,
+    /// Largest batch body in bytes.
+    #[arg(long)]
+    pub max_batch_bytes: Option<usize>,
+    /// Batch items in the engine at once.
+    #[arg(long)]
+    pub batch_concurrency: Option<usize>,
+    /// Batch items in the engine at once while interactive requests run.
+    #[arg(long)]
+    pub batch_concurrency_busy: Option<usize>,
     #[arg(long)]
     pub hot_set_capacity: Option<usize>,
     #[arg(long)]
@@ -254,6 +286,10 @@ impl ServeArgs {
         set(&mut l.max_batch_size, &self.max_batch_size);
         set(&mut l.max_batch_tokens, &self.max_batch_tokens);
         set(&mut l.max_images_per_prompt, &self.max_images_per_prompt);
+        set(&mut l.max_batch_items, &self.max_batch_items);
+        set(&mut l.max_batch_bytes, &self.max_batch_bytes);
+        set(&mut l.batch_concurrency, &self.batch_concurrency);
+        set(&mut l.batch_concurrency_busy, &self.batch_concurrency_busy);
         set(&mut cfg.hot_set.capacity, &self.hot_set_capacity);
         set(&mut cfg.hot_set.max_rank, &self.hot_set_max_rank);
         if self.admin_key.is_some() {

@@ -58,6 +58,14 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Overloaded(String),
+    /// A batch with more items (or bytes) than the configured limit.
+    #[error("{0}")]
+    BatchTooLarge(String),
+    /// A batch body that cannot be read as lines at all (empty, not UTF-8, a broken array).
+    #[error("{0}")]
+    InvalidBatch(String),
+    #[error("no batch {0:?}; see GET /v1/batches")]
+    BatchNotFound(String),
     /// The engine started the request and then failed it.
     #[error("generation failed: {0}")]
     Generation(String),
@@ -80,7 +88,9 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             AdapterRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            PayloadTooLarge { .. } | BatchTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            InvalidBatch(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            BatchNotFound(_) => StatusCode::NOT_FOUND,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Unauthorized => StatusCode::UNAUTHORIZED,
             ModelNotFound(_) | AdapterNotFound(_) | NotFound(_) => StatusCode::NOT_FOUND,
@@ -114,6 +124,9 @@ impl ApiError {
             NotFound(_) => "not_found",
             MethodNotAllowed(_) => "method_not_allowed",
             Overloaded(_) => "overloaded",
+            BatchTooLarge(_) => "batch_too_large",
+            InvalidBatch(_) => "invalid_batch",
+            BatchNotFound(_) => "batch_not_found",
             Generation(_) => "generation",
             Unavailable => "unavailable",
             Internal(_) => "internal",
@@ -243,6 +256,9 @@ mod tests {
             ApiError::NotFound("x".into()),
             ApiError::MethodNotAllowed("x".into()),
             ApiError::Overloaded("x".into()),
+            ApiError::BatchTooLarge("x".into()),
+            ApiError::InvalidBatch("x".into()),
+            ApiError::BatchNotFound("x".into()),
         ];
         for e in &all {
             assert!(e.status().is_client_error(), "{e:?} -> {}", e.status());

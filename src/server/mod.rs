@@ -8,6 +8,8 @@
 //! Routes:
 //! `POST /v1/generate`, `POST /v1/chat/completions`, `POST /v1/compare`,
 //! `GET /v1/models`, `GET|POST /v1/adapters`, `DELETE /v1/adapters/{name}`,
+//! `GET|POST /v1/batches`, `GET /v1/batches/{id}`, `GET /v1/batches/{id}/results`,
+//! `POST /v1/batches/{id}/cancel`, `GET /v1/batches/{id}/images/{name}`,
 //! `GET /health`, `GET /metrics`, `GET /` (playground). Every error is JSON
 //! (`error.rs`), unknown routes and methods included.
 
@@ -35,6 +37,8 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::Device;
 
 use crate::adapters::hot_set::HotSetConfig;
+use crate::batch::runner::{DataLock, Runner, RunnerOptions};
+use crate::batch::{BatchService, FilesLayout, SqliteStore};
 use crate::engine::images::VQ_WEIGHTS_FILE;
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::engine_runner::ModelRunner;
@@ -53,6 +57,8 @@ pub struct AppState {
     pub config: ServerConfig,
     /// The base model's name (the model folder's name, as the engine reports it).
     pub model_name: String,
+    /// Batch jobs: the store and the runner's wake-up.
+    pub batches: BatchService,
 }
 
 impl AppState {
@@ -108,6 +114,30 @@ pub fn load_vq(model_dir: &Path, cfg: &Config, device: &Device) -> Result<Option
     }
 }
 
+/// Batch pictures go to `<data_dir>/batches/<job id>/images/`.
+pub const BATCH_FILES_DIR: &str = "batches";
+
+/// Starts the batch runner when this process is the first to hold the data
+/// folder; another server on the same folder serves the API and leaves the
+/// running to the holder.
+pub fn start_batch_runner(state: Arc<AppState>) -> Result<Option<Runner>> {
+    let dir = state.config.data_dir.clone();
+    let Some(lock) = DataLock::try_acquire(&dir)? else {
+        tracing::warn!(
+            "{}: another molora process runs this folder's batch jobs; this one only stores them",
+            dir.display()
+        );
+        return Ok(None);
+    };
+    let opts = RunnerOptions {
+        concurrency: state.config.limits.batch_concurrency,
+        busy_concurrency: state.config.limits.batch_concurrency_busy,
+        stop_when_idle: false,
+        poll: std::time::Duration::from_millis(250),
+    };
+    Runner::spawn(state, opts, lock).map(Some)
+}
+
 /// Loads the model, starts the engine thread, and builds the shared state.
 pub fn build_state(cfg: ServerConfig) -> Result<AppState> {
     let device = device()?;
@@ -152,19 +182,25 @@ pub fn build_state(cfg: ServerConfig) -> Result<AppState> {
         max_context: model_cfg.max_position_embeddings,
         preview_every: cfg.preview_every,
     };
+    let store = SqliteStore::open_in(&cfg.data_dir)?;
+    let batches = BatchService::new(
+        Arc::new(store),
+        FilesLayout::PerJob(cfg.data_dir.join(BATCH_FILES_DIR)),
+    );
     Ok(AppState {
         engine,
         validator,
         metrics: Metrics::new(),
         config: cfg,
         model_name,
+        batches,
     })
 }
 
 /// Routes and extractor settings; the body limit comes from the config.
 pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |c: &mut web::ServiceConfig| {
-        use handlers::{adapters, chat, compare, generate, ops};
+        use handlers::{adapters, batches, chat, compare, generate, ops};
         let limit = state.config.limits.max_body_bytes;
         let json = web::JsonConfig::default()
             .limit(limit)
@@ -220,6 +256,32 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
                     .delete(adapters::unload)
                     .default_service(not_allowed()),
             )
+            .service(
+                web::resource("/v1/batches")
+                    .get(batches::list)
+                    .post(batches::create)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/batches/{id}")
+                    .get(batches::get)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/batches/{id}/results")
+                    .get(batches::results)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/batches/{id}/cancel")
+                    .post(batches::cancel)
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/v1/batches/{id}/images/{name}")
+                    .get(batches::image)
+                    .default_service(not_allowed()),
+            )
             .default_service(web::to(error::not_found));
     }
 }
@@ -253,6 +315,8 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     handle: ServerHandle,
     thread: JoinHandle<std::io::Result<()>>,
+    /// The batch runner, when this server holds its data folder.
+    batch_runner: Option<Runner>,
 }
 
 impl RunningServer {
@@ -266,12 +330,19 @@ impl RunningServer {
         self.wait()
     }
 
-    /// Blocks until the server exits (Ctrl-C stops it).
+    /// Blocks until the server exits (Ctrl-C stops it); then stops the
+    /// batch runner, which gives its running items back to the store.
     pub fn wait(self) -> Result<()> {
-        self.thread
+        let served = self
+            .thread
             .join()
             .map_err(|_| anyhow!("the server thread panicked"))?
-            .context("the HTTP server failed")
+            .context("the HTTP server failed");
+        if let Some(runner) = self.batch_runner {
+            let stats = runner.stop()?;
+            tracing::info!(released = stats.released, "batch runner stopped");
+        }
+        served
     }
 }
 
@@ -288,6 +359,7 @@ pub fn start(cfg: ServerConfig) -> Result<RunningServer> {
         n => n,
     };
     let state = web::Data::new(build_state(cfg)?);
+    let batch_runner = start_batch_runner(state.clone().into_inner())?;
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("molora-http".into())
@@ -317,6 +389,7 @@ pub fn start(cfg: ServerConfig) -> Result<RunningServer> {
         addr,
         handle,
         thread,
+        batch_runner,
     })
 }
 

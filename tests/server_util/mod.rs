@@ -80,6 +80,10 @@ pub fn test_config() -> ServerConfig {
             max_batch_size: 8,
             max_batch_tokens: 64,
             max_images_per_prompt: 2,
+            max_batch_items: 64,
+            max_batch_bytes: 1024 * 1024,
+            batch_concurrency: 4,
+            batch_concurrency_busy: 2,
         },
         hot_set: HotSetSection {
             capacity: 8,

@@ -3,6 +3,7 @@
 //! server-sent events; none touches a tensor.
 
 pub mod adapters;
+pub mod batches;
 pub mod chat;
 pub mod compare;
 pub mod generate;
