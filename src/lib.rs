@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod bench;
+pub mod convert_vqgan;
 pub mod dispatch;
 pub mod engine;
 pub mod engine_runner;
