@@ -408,3 +408,70 @@ fn convert_vqgan_command_reports_and_fails_cleanly() {
     assert_eq!(bad.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no VQ config"), "{stderr}");
 }
+
+/// Batch-1 decode speed of a loaded checkpoint: `steps` tokens after a
+/// 16-token prompt; returns (tokens/s, weight bytes in memory as f32).
+fn decode_speed(model: &Decoder, steps: usize) -> (f64, f64) {
+    let cfg = model.config();
+    let params: usize = molora::model::weights::expected_tensors(cfg)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut caches = vec![KvCache::new(cfg, model.device()).unwrap()];
+        let mut batch = BatchInput::default();
+        batch.push(0, &[0; 16]);
+        model.forward(&batch, &mut caches, None).unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..steps {
+            let mut batch = BatchInput::default();
+            batch.push(0, &[0]);
+            let h = model.forward(&batch, &mut caches, None).unwrap();
+            model.logits(&h).unwrap();
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (steps as f64 / best, params as f64 * 4.0)
+}
+
+/// Prints decode speed and memory of the tiny fixtures and of a ~140M
+/// Chameleon-layout checkpoint, for the README's 7B extrapolation:
+/// `cargo test --release --test reference_fixtures -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_decode_for_the_readme() {
+    let report = |name: &str, model: &Decoder, steps: usize| {
+        let (tps, bytes) = decode_speed(model, steps);
+        println!(
+            "{name}: {:.2} M parameters, {:.1} MB f32, {tps:.0} tokens/s, {:.2} GB/s of weights",
+            bytes / 4e6,
+            bytes / 1e6,
+            bytes * tps / 1e9
+        );
+    };
+    for name in ["chameleon_tied", "chameleon_swin"] {
+        report(
+            name,
+            &Decoder::load(&fixture(name), &Device::Cpu).unwrap(),
+            100,
+        );
+    }
+    // The swin fixture's config scaled up (d 1024, 8 layers, 16k vocabulary).
+    let (dir, path) = edited_config("chameleon_swin", |v| {
+        v["hidden_size"] = 1024.into();
+        v["intermediate_size"] = 2816.into();
+        v["num_hidden_layers"] = 8.into();
+        v["num_attention_heads"] = 16.into();
+        v["num_key_value_heads"] = 16.into();
+        v["vocab_size"] = 16384.into();
+        v["max_position_embeddings"] = 512.into();
+    });
+    let cfg = molora::model::config::Config::from_file(&path).unwrap();
+    molora::model::weights::write_random_model(dir.path(), &cfg, 1).unwrap();
+    report(
+        "scaled",
+        &Decoder::load(dir.path(), &Device::Cpu).unwrap(),
+        20,
+    );
+}
