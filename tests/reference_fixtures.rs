@@ -48,6 +48,10 @@ fn decoder_outputs(model: &Decoder, seqs: &[Vec<u32>]) -> Vec<(Tensor, Tensor)> 
 fn tied_prenorm_checkpoint_matches_transformers() {
     let refs = reference("chameleon_tied");
     let seqs = input_ids(&refs);
+    // The checkpoint carries transformers' VQ encoder; the decoder skips it.
+    let file = fixture("chameleon_tied/model.safetensors");
+    let names = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    assert!(names.contains_key("model.vqmodel.encoder.conv_in.weight"));
     let mut model = Decoder::load(&fixture("chameleon_tied"), &Device::Cpu).unwrap();
     for path in [KernelPath::HostSlices, KernelPath::TensorOps] {
         model.set_kernel_path(path).unwrap();
