@@ -128,11 +128,11 @@ fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
 
 /// Time per step spent in the projections alone: same shapes, same calls,
 /// distinct weights per layer (so they stream from memory as in the model).
-fn projections_only(cfg: &Config, batch: usize) -> Result<StepTime> {
+fn projections_only(cfg: &Config, batch: usize, weights: DType) -> Result<StepTime> {
     let dev = Device::Cpu;
     let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let kv = cfg.num_kv_heads() * cfg.head_dim();
-    let w = |o: usize, inp: usize| Tensor::randn(0f32, 0.05, (o, inp), &dev);
+    let w = |o: usize, inp: usize| Tensor::randn(0f32, 0.05, (o, inp), &dev)?.to_dtype(weights);
     let layers = (0..cfg.num_hidden_layers)
         .map(|_| Ok([w(d + 2 * kv, d)?, w(d, d)?, w(2 * i, d)?, w(d, i)?]))
         .collect::<Result<Vec<_>>>()?;
@@ -167,10 +167,16 @@ fn main() -> Result<()> {
     let cfg = demo_config(kv_heads)?;
     let dir = tempfile::tempdir()?;
     write_random_model(dir.path(), &cfg, 42)?;
-    let base = Decoder::load(dir.path(), &Device::Cpu)?;
+    // DECODE_SPEED_WEIGHTS=f16 stores the projection weights in f16.
+    let weights = match std::env::var("DECODE_SPEED_WEIGHTS").as_deref() {
+        Ok("f16") => DType::F16,
+        _ => DType::F32,
+    };
+    let mut base = Decoder::load(dir.path(), &Device::Cpu)?;
+    base.set_weight_dtype(weights)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     println!(
-        "decoder d={} layers={} heads={} kv_heads={} inter={} vocab={}; decode {PROMPT} -> {context} tokens; RAYON_NUM_THREADS={threads}",
+        "decoder d={} layers={} heads={} kv_heads={} inter={} vocab={}; decode {PROMPT} -> {context} tokens; RAYON_NUM_THREADS={threads}; weights {weights:?}",
         cfg.hidden_size,
         cfg.num_hidden_layers,
         cfg.num_attention_heads,
@@ -216,7 +222,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     for batch in [1, 16] {
-        let t = projections_only(&cfg, batch)?;
+        let t = projections_only(&cfg, batch, weights)?;
         println!(
             "projections alone (4 per layer + lm_head), batch {batch}: {:.3} ms/step wall, {:.3} cpu",
             t.wall * 1e3,

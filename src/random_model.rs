@@ -41,6 +41,9 @@ pub struct RandomModelSpec {
     pub gate_hidden: usize,
     pub gate_top_k: usize,
     pub max_position_embeddings: usize,
+    /// Also write a small random VQ model (vq_config + vqgan.safetensors) so
+    /// the service can turn image tokens into (noise) pictures.
+    pub with_vq: bool,
     pub seed: u64,
 }
 
@@ -65,6 +68,7 @@ impl Default for RandomModelSpec {
             gate_hidden: 64,
             gate_top_k: 2,
             max_position_embeddings: 1024,
+            with_vq: true,
             seed: 0,
         }
     }
@@ -105,6 +109,9 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
         });
     }
     let side = spec.image_grid_side;
+    let vq_config = spec
+        .with_vq
+        .then(|| random_vq_config(side, spec.image_codes));
     let cfg = Config {
         model_type: "chameleon".into(),
         vocab_size,
@@ -126,7 +133,7 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
         eos_token_id: Some(layout.eos),
         pad_token_id: Some(layout.pad),
         vocabulary_map: Some(layout.vocabulary_map.clone()),
-        vq_config: None,
+        vq_config: vq_config.clone(),
         molora: MoloraConfig {
             modalities,
             boi_token_id: Some(layout.boi),
@@ -138,6 +145,9 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
     cfg.validate()
         .context("the random model spec gives an invalid config")?;
     write_random_weights(dir, &cfg, spec.seed)?;
+    if let Some(v) = &vq_config {
+        write_random_vq(dir, v)?;
+    }
 
     let device = Device::Cpu;
     let adapters = dir.join(ADAPTERS_DIR);
@@ -189,4 +199,30 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
         .save(dir)?;
     }
     Ok(cfg)
+}
+
+/// A small VQ (weights from candle's unseeded CPU initialiser: only the
+/// decoder weights and adapters are reproducible from the seed) whose code grid is `side` x `side` (three downsamplings of an
+/// image 8·side pixels wide) over `codes` codebook entries.
+fn random_vq_config(side: usize, codes: usize) -> serde_json::Value {
+    serde_json::json!({
+        "embed_dim": 4, "n_embed": codes, "z_channels": 4, "resolution": 8 * side,
+        "ch": 8, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_type": "none",
+        "norm_num_groups": 4
+    })
+}
+
+fn write_random_vq(dir: &Path, vq_json: &serde_json::Value) -> Result<()> {
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+
+    use crate::engine::images::VQ_WEIGHTS_FILE;
+    use crate::model::vq::{VqConfig, VqModel};
+
+    let cfg = VqConfig::from_value(vq_json).context("the random VQ config is invalid")?;
+    let vm = VarMap::new();
+    VqModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    let path = dir.join(VQ_WEIGHTS_FILE);
+    vm.save(&path)
+        .with_context(|| format!("{}: cannot write the random VQ", path.display()))
 }

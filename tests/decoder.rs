@@ -421,3 +421,33 @@ fn bad_batches_are_errors_not_panics() {
         "beyond max_position_embeddings"
     );
 }
+
+/// f16 weight storage computes exactly the f32 product of the rounded
+/// weights (both the few-row kernel and the widen-then-gemm path), and stays
+/// close to the f32 checkpoint.
+#[test]
+fn f16_weights_compute_the_rounded_f32_model() {
+    let (_dir, model) = tiny_model(serde_json::json!({}), 7);
+    let mut half = model.clone();
+    half.set_weight_dtype(DType::F16).unwrap();
+    assert_eq!(half.weight_dtype(), DType::F16);
+    let mut rounded = half.clone();
+    rounded.set_weight_dtype(DType::F32).unwrap();
+    // SEQS[1] has 11 rows (widened path), the others 6 and 3 (kernel path).
+    for s in SEQS {
+        let (h, r, f) = (alone(&half, s), alone(&rounded, s), alone(&model, s));
+        let exact = max_diff(&h, &r);
+        assert!(exact < 1e-4, "f16 storage vs rounded f32 differ by {exact}");
+        let close = max_diff(&h, &f);
+        assert!(close < 5e-2, "f16 vs f32 checkpoint differ by {close}");
+        let logits = |m: &Decoder| {
+            let mut c = caches(m, 1);
+            let mut b = BatchInput::default();
+            b.push(0, s);
+            rows(&m.logits(&m.forward(&b, &mut c, None).unwrap()).unwrap())
+        };
+        let diff = max_diff(&logits(&half), &logits(&rounded));
+        assert!(diff < 1e-4, "logits differ by {diff}");
+    }
+    assert!(model.clone().set_weight_dtype(DType::BF16).is_err());
+}

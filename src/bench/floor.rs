@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::model::config::Config;
 
 /// Work per decoded token of one model.
 pub struct Flops {
     pub parameters: f64,
-    /// Bytes of weights read per step (f32).
+    /// Bytes of projection weights read per step (in their stored dtype).
     pub weight_bytes: f64,
     /// Weights + KV cache read per token at batch 1.
     pub bytes_per_token: f64,
@@ -21,7 +21,7 @@ pub struct Flops {
 }
 
 impl Flops {
-    pub fn of(cfg: &Config, rank: usize, context: usize) -> Self {
+    pub fn of(cfg: &Config, rank: usize, context: usize, weights: DType) -> Self {
         let (d, i, l, v) = (
             cfg.hidden_size as f64,
             cfg.intermediate_size as f64,
@@ -36,10 +36,11 @@ impl Flops {
         let attention = l * 4.0 * ctx * d;
         let r = rank as f64;
         let lora_per_layer = 2.0 * r * ((d + d) * 2.0 + (d + kv) * 2.0 + 3.0 * (d + i));
+        let weight_size = weights.size_in_bytes() as f64;
         Flops {
             parameters,
-            weight_bytes: matmul * 4.0,
-            bytes_per_token: matmul * 4.0 + l * 2.0 * ctx * kv * 4.0,
+            weight_bytes: matmul * weight_size,
+            bytes_per_token: matmul * weight_size + l * 2.0 * ctx * kv * 4.0,
             base_per_token: 2.0 * matmul + attention,
             lora_per_adapter: l * lora_per_layer,
         }

@@ -8,7 +8,7 @@ mod workload;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use crate::adapters::hot_set::HotSetConfig;
@@ -87,7 +87,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Value>> {
         let model_dir = dir.path().join(format!("k{k}"));
         let spec = opts.spec(k);
         write_random_model(&model_dir, &spec)?;
-        let bench = ModelBench::open(&model_dir, &spec, opts)?;
+        let mut bench = ModelBench::open(&model_dir, &spec, opts)?;
         for phase in ["prefill", "decode"] {
             for batch in [1, 16] {
                 let single = bench.throughput(RoutingMode::SinglePass, phase, batch, k)?;
@@ -103,7 +103,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Value>> {
             for batch in [1, 16] {
                 rows.push(bench.lora_overhead(batch)?);
             }
-            rows.push(bench.floor_row()?);
+            rows.extend(bench.floor_rows()?);
         }
     }
     Ok(rows)
@@ -259,6 +259,7 @@ impl<'a> ModelBench<'a> {
             self.runner.decoder.config(),
             self.spec.lora_rank,
             self.opts.seq_len,
+            self.runner.decoder.weight_dtype(),
         );
         let arithmetic = 1.0 + adapters_per_token * flops.lora_per_adapter / flops.base_per_token;
         let measured = t_routed.as_secs_f64() / t_base.as_secs_f64();
@@ -292,28 +293,36 @@ impl<'a> ModelBench<'a> {
         Ok(assigned / out.report.rows_processed as f64)
     }
 
-    /// Batch-1 decode without adapters next to the floor from bytes and FLOPs.
-    fn floor_row(&self) -> Result<Value> {
-        let seqs = self.sequences(1, 2);
-        let mut best = Duration::MAX;
-        let mut n = 0;
-        for _ in 0..self.opts.repeats {
-            let (t, tokens) = self.time_decode(RoutingMode::Base, &self.base, &seqs)?;
-            best = best.min(t);
-            n = tokens;
+    /// Batch-1 decode without adapters next to the floor from bytes and
+    /// FLOPs, with the projection weights stored in f32 and then in f16
+    /// (this leaves the runner's weights in f16).
+    fn floor_rows(&mut self) -> Result<Vec<Value>> {
+        let mut rows = vec![];
+        for dtype in [DType::F32, DType::F16] {
+            self.runner.decoder.set_weight_dtype(dtype)?;
+            let seqs = self.sequences(1, 2);
+            let mut best = Duration::MAX;
+            let mut n = 0;
+            for _ in 0..self.opts.repeats {
+                let (t, tokens) = self.time_decode(RoutingMode::Base, &self.base, &seqs)?;
+                best = best.min(t);
+                n = tokens;
+            }
+            let tok_s = n as f64 / best.as_secs_f64();
+            let cfg = self.runner.decoder.config();
+            let flops = floor::Flops::of(cfg, self.spec.lora_rank, self.opts.seq_len, dtype);
+            let machine = floor::Machine::measure(flops.weight_bytes)?;
+            let floor_s = (flops.bytes_per_token / machine.bytes_per_s)
+                .max(flops.base_per_token / machine.flops_per_s);
+            rows.push(json!({
+                "bench": "decode_floor", "batch": 1, "weights": format!("{dtype:?}").to_lowercase(),
+                "tok_s": tok_s, "floor_tok_s": 1.0 / floor_s,
+                "bytes_per_token": flops.bytes_per_token, "flops_per_token": flops.base_per_token,
+                "measured_gb_s": machine.bytes_per_s / 1e9, "measured_gflop_s": machine.flops_per_s / 1e9,
+                "parameters": flops.parameters, "target_tok_s": 1000.0,
+            }));
         }
-        let tok_s = n as f64 / best.as_secs_f64();
-        let cfg = self.runner.decoder.config();
-        let flops = floor::Flops::of(cfg, self.spec.lora_rank, self.opts.seq_len);
-        let machine = floor::Machine::measure(flops.weight_bytes)?;
-        let floor_s = (flops.bytes_per_token / machine.bytes_per_s)
-            .max(flops.base_per_token / machine.flops_per_s);
-        Ok(json!({
-            "bench": "decode_floor", "batch": 1, "tok_s": tok_s, "floor_tok_s": 1.0 / floor_s,
-            "bytes_per_token": flops.bytes_per_token, "flops_per_token": flops.base_per_token,
-            "measured_gb_s": machine.bytes_per_s / 1e9, "measured_gflop_s": machine.flops_per_s / 1e9,
-            "parameters": flops.parameters, "target_tok_s": 1000.0,
-        }))
+        Ok(rows)
     }
 }
 
@@ -366,8 +375,8 @@ pub fn print_tables(rows: &[Value]) {
     println!("\nbatch-1 decode against the floor (no adapters)");
     for r in rows.iter().filter(|r| r["bench"] == "decode_floor") {
         println!(
-            "tok/s {:.0}   floor {:.0} tok/s   ({:.1} MB/token at {:.1} GB/s; {:.1} MFLOP/token at {:.1} GFLOP/s; {:.2}M parameters)   target {:.0}",
-            f(r, "tok_s"), f(r, "floor_tok_s"), f(r, "bytes_per_token") / 1e6, f(r, "measured_gb_s"),
+            "{} weights: tok/s {:.0}   floor {:.0} tok/s   ({:.1} MB/token at {:.1} GB/s; {:.1} MFLOP/token at {:.1} GFLOP/s; {:.2}M parameters)   target {:.0}",
+            r["weights"].as_str().unwrap_or(""), f(r, "tok_s"), f(r, "floor_tok_s"), f(r, "bytes_per_token") / 1e6, f(r, "measured_gb_s"),
             f(r, "flops_per_token") / 1e6, f(r, "measured_gflop_s"), f(r, "parameters") / 1e6, f(r, "target_tok_s")
         );
     }

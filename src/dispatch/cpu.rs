@@ -30,6 +30,7 @@ use candle_core::{bail, DType, Device, Result, Storage, StorageRef, Tensor};
 
 use gemm::Parallelism;
 
+use super::half_weights;
 use super::threading::{parallelism, schedule_for, Schedule};
 use super::{generic, LoraTarget, SlotWeights};
 use crate::routing::plan::GroupedPlan;
@@ -117,11 +118,12 @@ pub fn routed_linear(
     targets: &[LoraTarget<'_>],
     plan: Option<&GroupedPlan>,
 ) -> Result<Tensor> {
-    let f32_tensors = [Some(x), Some(w), bias]
+    let f32_tensors = [Some(x), bias]
         .into_iter()
         .flatten()
         .chain(targets.iter().flat_map(|t| [&t.slots.a, &t.slots.b]));
-    let mut all_f32 = x.device().is_cpu();
+    let mut all_f32 =
+        x.device().is_cpu() && w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::F16);
     for t in f32_tensors {
         all_f32 &= t.dtype() == DType::F32 && t.device().is_cpu();
     }
@@ -176,12 +178,13 @@ pub fn routed_linear(
     Tensor::from_vec(y, (n, d_out), &Device::Cpu)
 }
 
-/// `x·wᵀ (+ bias)` into a fresh `[rows, out]` vector; x, w, bias f32 on the CPU.
+/// `x·wᵀ (+ bias)` into a fresh `[rows, out]` vector; x and bias f32, w f32
+/// or f16 ([`super::half_weights`]), all on the CPU.
 fn base_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
     let (n, d_in) = x.dims2()?;
     let (d_out, _) = w.dims2()?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (x_read, w_read) = (F32Read::new(&x)?, F32Read::new(&w)?);
+    let x_read = F32Read::new(&x)?;
     let mut y = vec![0f32; n * d_out];
     let accumulate = match bias {
         Some(b) => {
@@ -198,14 +201,47 @@ fn base_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32
         }
         None => false,
     };
-    gemm_nt(
-        Rows::new(x_read.slice()?, n, d_in, d_in),
-        Rows::new(w_read.slice()?, d_out, d_in, d_in),
-        &mut y,
-        d_out,
-        accumulate,
-        &mut Vec::new(),
-    );
+    let f32_product = |x: &[f32], w: &[f32], y: &mut [f32]| {
+        gemm_nt(
+            Rows::new(x, n, d_in, d_in),
+            Rows::new(w, d_out, d_in, d_in),
+            y,
+            d_out,
+            accumulate,
+            &mut Vec::new(),
+        )
+    };
+    if w.dtype() == DType::F16 {
+        let (storage, layout) = w.storage_and_layout();
+        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+        else {
+            bail!("linear: f16 weights must be contiguous on the CPU");
+        };
+        let w16 = &cpu.as_slice::<half::f16>()?[start..end];
+        half_weights::product(
+            x_read.slice()?,
+            n,
+            d_in,
+            w16,
+            d_out,
+            &mut y,
+            accumulate,
+            |x, w, y| {
+                // The widened product accumulates onto what `product` prepared.
+                gemm_nt(
+                    Rows::new(x, n, d_in, d_in),
+                    Rows::new(w, d_out, d_in, d_in),
+                    y,
+                    d_out,
+                    true,
+                    &mut Vec::new(),
+                )
+            },
+        );
+        return Ok(y);
+    }
+    let w_read = F32Read::new(&w)?;
+    f32_product(x_read.slice()?, w_read.slice()?, &mut y);
     Ok(y)
 }
 

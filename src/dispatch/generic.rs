@@ -13,6 +13,8 @@ pub fn routed_linear(
     targets: &[LoraTarget<'_>],
     plan: Option<&GroupedPlan>,
 ) -> Result<Tensor> {
+    // Weights stored in a narrower dtype (f16) are widened for the product.
+    let w = &w.to_dtype(x.dtype())?;
     let mut y = x.matmul(&w.t()?)?;
     if let Some(b) = bias {
         y = y.broadcast_add(b)?;

@@ -7,10 +7,12 @@
 //! - `cpu`: hand-scheduled kernels on the raw f32 slices (gemm with the
 //!   thread count chosen by problem size; no per-op overhead);
 //! - `generic`: the same algorithm in candle tensor ops, for any device;
-//! - `reference`: a naive dense per-token loop, for tests only.
+//! - `reference`: a naive dense per-token loop, for tests only;
+//! - `half_weights`: base weights stored in f16, computed in f32 (CPU).
 
 pub mod cpu;
 pub mod generic;
+pub mod half_weights;
 pub mod reference;
 pub mod threading;
 

@@ -14,7 +14,7 @@
 
 use std::ops::Range;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -58,6 +58,13 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Stores the projection weights in `dtype` (see `Decoder::set_weight_dtype`).
+    pub(crate) fn set_weight_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.qkv = self.qkv.to_dtype(dtype)?;
+        self.o = self.o.to_dtype(dtype)?;
+        Ok(())
+    }
+
     /// Loads `self_attn.*` (pass `vb.pp("self_attn")`).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (d, heads, kv_heads, hd) = (

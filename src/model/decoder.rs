@@ -208,6 +208,7 @@ pub struct Decoder {
     lm_head: Tensor,
     rope: Rope,
     path: KernelPath,
+    weight_dtype: DType,
 }
 
 impl Decoder {
@@ -243,6 +244,7 @@ impl Decoder {
             norm,
             lm_head,
             rope,
+            weight_dtype: DType::F32,
         })
     }
 
@@ -266,6 +268,30 @@ impl Decoder {
 
     pub fn kernel_path(&self) -> KernelPath {
         self.path
+    }
+
+    /// Stores the projection weights (attention, MLP, lm_head) in `dtype`:
+    /// `F16` halves the bytes every decode step reads (products still
+    /// accumulate in f32, see `dispatch::half_weights`); `F32` is exact
+    /// against the checkpoint. Embeddings, norms and adapters stay f32.
+    pub fn set_weight_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Err(Error::Msg(format!(
+                "weight dtype {dtype:?} is not supported; use f32 or f16"
+            )));
+        }
+        for layer in &mut self.layers {
+            layer.attn.set_weight_dtype(dtype)?;
+            layer.mlp.set_weight_dtype(dtype)?;
+        }
+        self.lm_head = self.lm_head.to_dtype(dtype)?;
+        self.weight_dtype = dtype;
+        Ok(())
+    }
+
+    /// The dtype the projection weights are stored in.
+    pub fn weight_dtype(&self) -> DType {
+        self.weight_dtype
     }
 
     /// Chooses the implementation of the non-projection ops (host slices

@@ -1,7 +1,7 @@
 //! The SwiGLU MLP of a decoder layer: `down(silu(gate(x)) · up(x))`, with
 //! gate and up stacked into one projection so the base matmul runs once.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Config;
@@ -20,6 +20,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Stores the projection weights in `dtype` (see `Decoder::set_weight_dtype`).
+    pub(crate) fn set_weight_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.gate_up = self.gate_up.to_dtype(dtype)?;
+        self.down = self.down.to_dtype(dtype)?;
+        Ok(())
+    }
+
     /// Loads `mlp.*` (pass `vb.pp("mlp")`).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);

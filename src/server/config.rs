@@ -33,6 +33,27 @@ pub struct ServerConfig {
     pub preview_every: usize,
     /// HTTP worker threads (0 = one per CPU core).
     pub workers: usize,
+    /// How the decoder stores its projection weights: `f32` (exact) or
+    /// `f16` (half the bytes per decode step, f32 accumulation).
+    pub weight_dtype: WeightDtype,
+}
+
+/// Storage precision of the decoder's projection weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            WeightDtype::F32 => candle_core::DType::F32,
+            WeightDtype::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +96,7 @@ impl Default for ServerConfig {
             admin_key: None,
             preview_every: 16,
             workers: 0,
+            weight_dtype: WeightDtype::F32,
         }
     }
 }
@@ -191,6 +213,9 @@ pub struct ServeArgs {
     /// HTTP worker threads (0 = one per core).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Projection weight storage: f32 (exact) or f16 (faster decode).
+    #[arg(long, value_enum)]
+    pub weight_dtype: Option<WeightDtype>,
 }
 
 impl ServeArgs {
@@ -236,6 +261,7 @@ impl ServeArgs {
         }
         set(&mut cfg.preview_every, &self.preview_every);
         set(&mut cfg.workers, &self.workers);
+        set(&mut cfg.weight_dtype, &self.weight_dtype);
     }
 }
 

@@ -123,7 +123,8 @@ pub fn build_state(cfg: ServerConfig) -> Result<AppState> {
         max_rank: cfg.hot_set.max_rank,
     };
     let started = Instant::now();
-    let (runner, refused) = ModelRunner::load(&model_dir, &cfg.adapter_dir(), hot, &device)?;
+    let (mut runner, refused) = ModelRunner::load(&model_dir, &cfg.adapter_dir(), hot, &device)?;
+    runner.decoder.set_weight_dtype(cfg.weight_dtype.dtype())?;
     for r in &refused {
         tracing::warn!("adapter refused: {r}");
     }

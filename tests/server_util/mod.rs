@@ -88,6 +88,7 @@ pub fn test_config() -> ServerConfig {
         admin_key: Some(ADMIN_KEY.into()),
         preview_every: 4,
         workers: 2,
+        ..ServerConfig::default()
     }
 }
 
