@@ -88,6 +88,14 @@ fn swin_gqa_sharded_checkpoint_matches_transformers() {
             assert_close(logits, &refs[&format!("logits_base_{s}")], &tag);
         }
     }
+    // f16 projection weights (`serve --weight-dtype f16`) stay near the
+    // reference: f16 rounds each weight by up to 2^-11 relative.
+    model.set_weight_dtype(DType::F16).unwrap();
+    for (s, (_, logits)) in decoder_outputs(&model, &seqs).iter().enumerate() {
+        let r = rel_diff(logits, &refs[&format!("logits_base_{s}")]);
+        eprintln!("f16 weights, seq {s}: relative difference {r:.1e}");
+        assert!(r < 5e-3, "f16 weights, seq {s}: relative difference {r:e}");
+    }
 }
 
 #[test]
@@ -473,9 +481,9 @@ fn measure_decode_for_the_readme() {
     });
     let cfg = molora::model::config::Config::from_file(&path).unwrap();
     molora::model::weights::write_random_model(dir.path(), &cfg, 1).unwrap();
-    report(
-        "scaled",
-        &Decoder::load(dir.path(), &Device::Cpu).unwrap(),
-        20,
-    );
+    let mut scaled = Decoder::load(dir.path(), &Device::Cpu).unwrap();
+    report("scaled, f32 weights", &scaled, 20);
+    scaled.set_weight_dtype(DType::F16).unwrap();
+    let (tps, _) = decode_speed(&scaled, 20);
+    println!("scaled, f16 projection weights: {tps:.0} tokens/s");
 }
