@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod batch;
 pub mod bench;
+pub mod convert_vqgan;
 pub mod dispatch;
 pub mod engine;
 pub mod engine_runner;

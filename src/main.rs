@@ -60,6 +60,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a taming-transformers VQGAN state dict (exported to
+    /// safetensors) into a model directory's vqgan.safetensors, validated.
+    ConvertVqgan {
+        /// The exported state dict (.safetensors).
+        input: PathBuf,
+        /// Output folder: a model directory, or any folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// VQ config JSON (Chameleon's vq_config or taming's); default: the
+        /// output model's config.json vq_config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Benchmark routing modes, LoRA overhead and decode speed on random models
     /// of the demo size; prints tables (or JSON lines).
     Bench {
@@ -135,6 +148,11 @@ fn try_main(cli: Cli) -> Result<()> {
                 cfg.hidden_size,
                 cfg.num_hidden_layers
             );
+            Ok(())
+        }
+        Command::ConvertVqgan { input, out, config } => {
+            let report = molora::convert_vqgan::convert_vqgan(&input, &out, config.as_deref())?;
+            println!("{report}");
             Ok(())
         }
         Command::Bench {

@@ -13,6 +13,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::config_compat;
+
 /// Prefix of image-code token names in a Chameleon `vocabulary_map`.
 pub const IMAGE_TOKEN_PREFIX: &str = "IMGIMG";
 /// Chameleon's names for the begin-of-image and end-of-image tokens.
@@ -185,7 +187,11 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read model config", path.display()))?;
-        let cfg: Config = serde_json::from_str(&text)
+        let mut value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        config_compat::normalize_hf_fields(&mut value)
+            .with_context(|| format!("{}: invalid model config", path.display()))?;
+        let cfg: Config = serde_json::from_value(value)
             .with_context(|| format!("{}: not a valid model config", path.display()))?;
         cfg.validate()
             .with_context(|| format!("{}: invalid model config", path.display()))?;
@@ -271,10 +277,10 @@ impl Config {
         for spec in &specs {
             let range = match (spec.token_range, spec.name.as_str()) {
                 (Some([a, b]), _) => a..b,
-                (None, "image") => image_range_from_map(map).with_context(|| {
-                    "modality \"image\" has no token_range and the vocabulary_map names no image codes"
-                        .to_string()
-                })?,
+                (None, "image") => image_range_from_map(map).context(
+                    "the image-code range comes from molora.modalities[].token_range or from the \
+                     IMGIMG* names of vocabulary_map, and neither gives it",
+                )?,
                 (None, "text") if self.molora.modalities.is_empty() => 0..0, // filled below
                 (None, name) => bail!("modality {name:?} has no token_range"),
             };
@@ -360,24 +366,15 @@ impl Config {
             }
         }
 
-        let image_grid = match (self.molora.image_grid, self.molora.tokens_per_image) {
-            (Some(g), Some(t)) if g[0] * g[1] != t => {
-                bail!(
-                    "image_grid {g:?} holds {} codes but tokens_per_image is {t}",
-                    g[0] * g[1]
-                )
-            }
-            (Some(g), _) => g,
-            (None, Some(t)) => {
-                let side = (t as f64).sqrt() as usize;
-                if side * side != t {
-                    bail!("tokens_per_image {t} is not a square; give image_grid too");
-                }
-                [side, side]
-            }
-            // Chameleon: 1024 codes per 512x512 picture.
-            (None, None) => [32, 32],
-        };
+        let vq = config_compat::vq_config_of(self.vq_config.as_ref())?;
+        if let (Some(vq), Some(range)) = (&vq, &image_range) {
+            config_compat::check_codebook(vq, range)?;
+        }
+        let image_grid = config_compat::image_grid(
+            self.molora.image_grid,
+            self.molora.tokens_per_image,
+            vq.as_ref(),
+        )?;
         if image_modality.is_some() && (boi.is_none() || eoi.is_none()) {
             bail!("a model with an image modality needs boi_token_id and eoi_token_id");
         }
@@ -398,7 +395,7 @@ impl Config {
 
 /// The contiguous id range of the `IMGIMG*` names in a vocabulary map.
 fn image_range_from_map(map: Option<&BTreeMap<String, u32>>) -> Result<Range<u32>> {
-    let map = map.context("no vocabulary_map")?;
+    let map = map.context("config.json has no vocabulary_map")?;
     let mut ids: Vec<u32> = map
         .iter()
         .filter(|(name, _)| name.starts_with(IMAGE_TOKEN_PREFIX))

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod config_compat;
 pub mod decoder;
 pub mod kv_cache;
 pub mod mlp;

@@ -32,6 +32,14 @@ impl CheckedTensors {
         })
     }
 
+    /// Answers from tensors already in memory (names carrying `prefix`).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, prefix: &str) -> Self {
+        Self {
+            tensors,
+            prefix: prefix.to_string(),
+        }
+    }
+
     pub fn into_var_builder(self, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), DType::F32, device.clone())
     }
