@@ -57,6 +57,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Train the demo model, one stage or all (`molora train all --out models/demo`).
+    Train(molora::train::cli::TrainArgs),
     /// Benchmark routing modes, LoRA overhead and decode speed on random models
     /// of the demo size; prints tables (or JSON lines).
     Bench {
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
 fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => molora::server::serve(args.resolve()?),
+        Command::Train(args) => molora::train::cli::run(args),
         Command::InitRandom {
             out,
             hidden,
