@@ -67,12 +67,17 @@ pub fn tokenizer(run: &Run) -> Result<()> {
 pub fn vq(run: &Run, device: &Device) -> Result<()> {
     let cfg = &run.cfg;
     let seed = run.stage_seed("vq");
+    // Micro-batches spread over the cores, each matmul on one thread: ~3x
+    // faster here than candle's own threading on these small convs.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tcfg = VqTrainConfig {
         learning_rate: cfg.vq_learning_rate,
         checkpoint_every: 50,
         warmup_steps: 20,
+        threads,
         ..VqTrainConfig::new(seed)
     };
+    let _one_thread = MatmulThreads::set(1);
     let dir = run.checkpoint_dir("vq");
     let mut trainer = VqTrainer::resume_or_new(&dir, &cfg.vq, &tcfg, device)?;
     let side = cfg.vq.resolution as u32;
@@ -130,6 +135,31 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
             loss_log: log,
         },
     )
+}
+
+/// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call
+/// to choose its parallelism, until dropped. The global rayon pool is
+/// started first so that it keeps its full size.
+struct MatmulThreads(Option<String>);
+
+impl MatmulThreads {
+    fn set(n: usize) -> Self {
+        let _ = rayon::current_num_threads();
+        let old = std::env::var(RAYON_THREADS).ok();
+        std::env::set_var(RAYON_THREADS, n.to_string());
+        Self(old)
+    }
+}
+
+const RAYON_THREADS: &str = "RAYON_NUM_THREADS";
+
+impl Drop for MatmulThreads {
+    fn drop(&mut self) {
+        match &self.0 {
+            Some(v) => std::env::set_var(RAYON_THREADS, v),
+            None => std::env::remove_var(RAYON_THREADS),
+        }
+    }
 }
 
 /// What the decoder stages share: tokenizer, VQ model, model config.
