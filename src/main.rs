@@ -73,6 +73,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Train the demo model, one stage or all (`molora train all --out models/demo`).
+    Train(molora::train::cli::TrainArgs),
     /// Benchmark routing modes, LoRA overhead and decode speed on random models
     /// of the demo size; prints tables (or JSON lines).
     Bench {
@@ -111,6 +113,7 @@ fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => molora::server::serve(args.resolve()?),
         Command::Batch(args) => molora::batch::cli::run(&args),
+        Command::Train(args) => molora::train::cli::run(args),
         Command::InitRandom {
             out,
             hidden,

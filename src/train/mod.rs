@@ -1,6 +1,21 @@
 //! Training the demo model. [`data`] is the procedural world it learns from
 //! and is evaluated on; everything there is deterministic from a seed.
+//! [`pipeline`] sizes the stages, [`stages`] and [`gate_train`] run them
+//! (`molora train <stage>`, see [`cli`]), on the differentiable decoder of
+//! [`decoder`] with the LoRA pairs of [`lora`], batches of [`batch`] and the
+//! loop of [`looping`].
 
 pub mod data;
 
+pub mod batch;
+pub mod cli;
+pub mod decoder;
+pub mod gate_train;
+pub mod looping;
+pub mod lora;
+pub mod pipeline;
+pub mod stages;
 pub mod vq_train;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,68 @@
+//! `molora train <stage>`: the command line of the training pipeline.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use super::pipeline::{PipelineConfig, Run};
+use super::{gate_train, stages};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(subcommand)]
+    pub stage: Stage,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The model directory to fill (checkpoints go to <out>/checkpoints).
+    #[arg(long, default_value = "models/demo")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sizes and schedules: `demo` (the shipped model) or `tiny` (seconds).
+    #[arg(long, default_value = "demo")]
+    pub preset: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Stage {
+    /// BPE tokenizer on the world's text, image codes as added tokens.
+    Tokenizer(Common),
+    /// The VQ-VAE on shapes-world images.
+    Vq(Common),
+    /// The base decoder on the mixture of every task.
+    Base(Common),
+    /// One LoRA adapter (text, image, math, code, caption), base frozen.
+    Adapter {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The gate over the semantic adapters, base and adapters frozen.
+    Gate(Common),
+    /// Every stage in order, resuming finished and interrupted ones.
+    All(Common),
+}
+
+fn run_of(c: &Common) -> Result<Run> {
+    Ok(Run {
+        out: c.out.clone(),
+        seed: c.seed,
+        cfg: PipelineConfig::preset(&c.preset)?,
+    })
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let device = crate::server::device()?;
+    match &args.stage {
+        Stage::Tokenizer(c) => stages::tokenizer(&run_of(c)?),
+        Stage::Vq(c) => stages::vq(&run_of(c)?, &device),
+        Stage::Base(c) => stages::base(&run_of(c)?, &device),
+        Stage::Adapter { name, common } => stages::adapter(&run_of(common)?, name, &device),
+        Stage::Gate(c) => gate_train::gate(&run_of(c)?, &device),
+        Stage::All(c) => stages::all(&run_of(c)?, &device),
+    }
+}

@@ -1,0 +1,302 @@
+//! The demo model's training pipeline: sizes and schedules of every stage
+//! (a preset, written beside the checkpoints), the model directory it fills,
+//! and which data each adapter learns from.
+//!
+//! Stages, in order: tokenizer -> vq -> base -> adapters (text, image, then
+//! the semantic math, code, caption) -> gate. Each reads what the earlier
+//! ones wrote into the output folder and resumes from its own checkpoint
+//! folder under `<out>/checkpoints/<stage>`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::batch::{Mixture, Source};
+use super::data::text_domains::MixedKind;
+use super::data::{Domain, Task};
+use super::looping::Schedule;
+use crate::adapters::AdapterRole;
+use crate::model::vq::VqConfig;
+
+/// Folder of checkpoints inside the output folder (not shipped).
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// Per-stage summary (losses, steps, seconds) written into the output folder.
+pub const TRAIN_LOG: &str = "train_log.json";
+
+/// The adapters the pipeline trains, in order (semantic ones after the
+/// modality ones they are trained on top of).
+pub const ADAPTERS: [&str; 5] = ["text", "image", "math", "code", "caption"];
+/// The gate's experts: the semantic adapters.
+pub const EXPERTS: [&str; 3] = ["math", "code", "caption"];
+
+/// The semantic adapter serving tokens of `domain` (image codes are routed
+/// by modality; text about images, e.g. the markers around them, is caption).
+pub fn expert_for(domain: Domain) -> &'static str {
+    match domain {
+        Domain::Arithmetic => "math",
+        Domain::Code => "code",
+        Domain::Caption | Domain::Image => "caption",
+    }
+}
+
+/// molora's role metadata of a pipeline adapter.
+pub fn role_of(name: &str) -> Result<AdapterRole> {
+    Ok(match name {
+        "text" | "image" => AdapterRole::Modality {
+            modality: name.to_string(),
+        },
+        "math" | "code" | "caption" => AdapterRole::Semantic {
+            domain: name.to_string(),
+        },
+        other => bail!(
+            "unknown adapter {other:?}: the pipeline trains {}",
+            ADAPTERS.join(", ")
+        ),
+    })
+}
+
+/// The data an adapter (or the base) learns from.
+pub fn mixture_for(stage: &str) -> Mixture {
+    use MixedKind::*;
+    let t = Source::Task;
+    let m = Source::Mixed;
+    match stage {
+        "image" => vec![
+            (4.0, t(Task::Draw)),
+            (2.0, t(Task::Caption)),
+            (1.0, Source::Interleaved),
+            (1.0, m(DrawAndSides)),
+            (1.0, m(DrawAndCompute)),
+        ],
+        "math" => vec![
+            (4.0, t(Task::Arithmetic)),
+            (1.0, m(CodeAndResult)),
+            (1.0, m(DrawAndCompute)),
+            (1.0, m(DescribeAndCompute)),
+        ],
+        "code" => vec![(3.0, t(Task::Code)), (1.0, m(CodeAndResult))],
+        "caption" => vec![
+            (2.0, t(Task::Caption)),
+            (2.0, t(Task::Draw)),
+            (1.0, Source::Interleaved),
+            (1.0, m(DrawAndSides)),
+            (1.0, m(DescribeAndCompute)),
+        ],
+        // base, text, gate: everything
+        _ => vec![
+            (4.0, t(Task::Arithmetic)),
+            (3.0, t(Task::Code)),
+            (2.0, t(Task::Caption)),
+            (3.0, t(Task::Draw)),
+            (1.0, m(CodeAndResult)),
+            (1.0, m(DrawAndSides)),
+            (1.0, m(DrawAndCompute)),
+            (1.0, m(DescribeAndCompute)),
+            (1.0, Source::Interleaved),
+        ],
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderSize {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineConfig {
+    /// BPE target size (specials and bytes included).
+    pub text_vocab: usize,
+    /// Items of the tokenizer's training corpus.
+    pub corpus_items: usize,
+    pub vq: VqConfig,
+    pub vq_steps: u64,
+    pub vq_batch: usize,
+    pub vq_learning_rate: f64,
+    pub decoder: DecoderSize,
+    /// Packed batch: rows of `batch_len` tokens.
+    pub batch_rows: usize,
+    pub batch_len: usize,
+    /// Loss weight of prompt targets (answers weigh 1).
+    pub base_prompt_weight: f32,
+    pub adapter_prompt_weight: f32,
+    pub base: Schedule,
+    pub adapter: Schedule,
+    pub gate: Schedule,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub gate_hidden: usize,
+    pub gate_top_k: usize,
+}
+
+impl PipelineConfig {
+    /// The shipped demo model: ~45 minutes on this 2-core machine while
+    /// others share it (vq ~0.8 s/step, base ~0.75 s/step at ~1,100 tokens/s,
+    /// adapters ~1.2 s/step, gate ~0.4 s/step, measured with `--preset probe`).
+    pub fn demo() -> Self {
+        let sched = |steps, lr, warmup| Schedule {
+            steps,
+            learning_rate: lr,
+            min_lr_fraction: 0.1,
+            warmup_steps: warmup,
+            weight_decay: 0.0,
+            checkpoint_every: 100,
+        };
+        Self {
+            text_vocab: 1000,
+            corpus_items: 4000,
+            vq: serde_json::from_str(include_str!("../../configs/vq_demo_small.json"))
+                .expect("configs/vq_demo_small.json is a valid VQ config"),
+            vq_steps: 400,
+            vq_batch: 16,
+            vq_learning_rate: 1e-3,
+            decoder: DecoderSize {
+                hidden_size: 256,
+                num_layers: 4,
+                num_heads: 4,
+                intermediate_size: 704,
+                max_position_embeddings: 1024,
+            },
+            batch_rows: 4,
+            batch_len: 256,
+            base_prompt_weight: 0.3,
+            adapter_prompt_weight: 0.1,
+            base: sched(2000, 1.5e-3, 100),
+            adapter: sched(120, 2e-3, 10),
+            gate: sched(120, 3e-3, 10),
+            lora_rank: 16,
+            lora_alpha: 32.0,
+            gate_hidden: 64,
+            gate_top_k: 1,
+        }
+    }
+
+    /// A few steps of every stage on tiny sizes (the smoke test).
+    pub fn tiny() -> Self {
+        let sched = |steps| Schedule {
+            steps,
+            learning_rate: 1e-3,
+            min_lr_fraction: 0.1,
+            warmup_steps: 1,
+            weight_decay: 0.0,
+            checkpoint_every: 1,
+        };
+        let vq: VqConfig = serde_json::from_value(serde_json::json!({
+            "embed_dim": 8, "num_embeddings": 32, "double_latent": false,
+            "latent_channels": 8, "resolution": 16, "in_channels": 3,
+            "base_channels": 8, "channel_multiplier": [1, 1, 1], "num_res_blocks": 1,
+            "attn_resolutions": [], "dropout": 0.0, "attn_type": "vanilla",
+            "initializer_range": 0.02, "norm_num_groups": 4
+        }))
+        .expect("the tiny VQ config is valid");
+        Self {
+            text_vocab: 300,
+            corpus_items: 200,
+            vq,
+            vq_steps: 2,
+            vq_batch: 2,
+            vq_learning_rate: 1e-3,
+            decoder: DecoderSize {
+                hidden_size: 32,
+                num_layers: 2,
+                num_heads: 2,
+                intermediate_size: 64,
+                max_position_embeddings: 256,
+            },
+            batch_rows: 2,
+            batch_len: 96,
+            base_prompt_weight: 0.3,
+            adapter_prompt_weight: 0.1,
+            base: sched(2),
+            adapter: sched(2),
+            gate: sched(2),
+            lora_rank: 4,
+            lora_alpha: 8.0,
+            gate_hidden: 8,
+            gate_top_k: 1,
+        }
+    }
+
+    /// The demo sizes with a few steps per stage: measures each stage's speed.
+    pub fn probe() -> Self {
+        let mut cfg = Self::demo();
+        cfg.vq_steps = 10;
+        for (s, n) in [
+            (&mut cfg.base, 10),
+            (&mut cfg.adapter, 5),
+            (&mut cfg.gate, 5),
+        ] {
+            s.steps = n;
+            s.warmup_steps = 1;
+        }
+        cfg
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "demo" => Ok(Self::demo()),
+            "probe" => Ok(Self::probe()),
+            "tiny" => Ok(Self::tiny()),
+            other => bail!("unknown preset {other:?} (demo, probe or tiny)"),
+        }
+    }
+}
+
+/// Where a pipeline run reads and writes.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The model directory being filled.
+    pub out: PathBuf,
+    pub seed: u64,
+    pub cfg: PipelineConfig,
+}
+
+impl Run {
+    pub fn checkpoint_dir(&self, stage: &str) -> PathBuf {
+        self.out.join(CHECKPOINTS_DIR).join(stage)
+    }
+
+    /// The seed of one stage, derived from the run's seed and its name.
+    pub fn stage_seed(&self, stage: &str) -> u64 {
+        let h = stage.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        super::batch::mix(self.seed, h)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.out.join(file)
+    }
+}
+
+/// One stage's line in `train_log.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageLog {
+    pub stage: String,
+    pub steps: u64,
+    pub seconds: f64,
+    /// Tokens (decoder stages) or images (vq) seen.
+    pub items: u64,
+    /// Mean loss of the first and last windows.
+    pub first_loss: Option<f32>,
+    pub last_loss: Option<f32>,
+    /// Mean loss per window of steps (see `looping::LOG_WINDOW`).
+    pub loss_log: Vec<f32>,
+}
+
+/// Adds or replaces `entry` in `<out>/train_log.json`.
+pub fn record(out: &Path, entry: StageLog) -> Result<()> {
+    let path = out.join(TRAIN_LOG);
+    let mut all: Vec<StageLog> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    all.retain(|e| e.stage != entry.stage);
+    all.push(entry);
+    std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
+    Ok(())
+}

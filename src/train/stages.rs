@@ -1,0 +1,413 @@
+//! The stages of the pipeline (see [`super::pipeline`]): each reads what the
+//! earlier stages wrote into the model directory, trains from its own
+//! checkpoint folder (resuming when one is there), and writes its product.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokenizers::Tokenizer;
+
+use super::batch::{mix, PackedBatch, SeqMaker};
+use super::data::shapes::Scene;
+use super::data::text_domains::text_corpus;
+use super::data::Split;
+use super::decoder::{init_tensors, set_vars, LayerAdapters, Routing, TrainDecoder};
+use super::looping::{self, StepOut};
+use super::lora::TrainLora;
+use super::pipeline::{expert_for, mixture_for, record, role_of, Run, StageLog, ADAPTERS};
+use super::vq_train::{VqTrainConfig, VqTrainer};
+use crate::adapters::peft::LoraAdapter;
+use crate::engine::images::VQ_WEIGHTS_FILE;
+use crate::model::config::{Config, MoloraConfig};
+use crate::model::tokenizer::{load_tokenizer, save_tokenizer, train_tokenizer, TokenizerLayout};
+use crate::model::vq::{rgb_to_tensor, VqModel};
+use crate::model::weights::SINGLE_FILE;
+use crate::random_model::ADAPTERS_DIR;
+
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const CONFIG_FILE: &str = "config.json";
+
+/// `tokenizer`: byte-level BPE on the world's text, image codes added.
+pub fn tokenizer(run: &Run) -> Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&run.out)
+        .with_context(|| format!("{}: cannot create", run.out.display()))?;
+    let corpus = text_corpus(run.stage_seed("tokenizer"), run.cfg.corpus_items);
+    let (tok, layout) = train_tokenizer(
+        corpus.into_iter(),
+        run.cfg.text_vocab,
+        run.cfg.vq.num_embeddings,
+    )?;
+    save_tokenizer(&tok, &run.path(TOKENIZER_FILE))?;
+    eprintln!(
+        "tokenizer: {} text ids, {} image codes -> {}",
+        layout.text_range.len(),
+        layout.num_image_codes(),
+        run.path(TOKENIZER_FILE).display()
+    );
+    record(
+        &run.out,
+        StageLog {
+            stage: "tokenizer".into(),
+            steps: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            items: run.cfg.corpus_items as u64,
+            first_loss: None,
+            last_loss: None,
+            loss_log: vec![],
+        },
+    )
+}
+
+/// `vq`: the VQ-VAE on shapes-world training scenes.
+pub fn vq(run: &Run, device: &Device) -> Result<()> {
+    let cfg = &run.cfg;
+    let seed = run.stage_seed("vq");
+    // Micro-batches spread over the cores, each matmul on one thread: ~3x
+    // faster here than candle's own threading on these small convs.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tcfg = VqTrainConfig {
+        learning_rate: cfg.vq_learning_rate,
+        checkpoint_every: 50,
+        warmup_steps: 20,
+        threads,
+        ..VqTrainConfig::new(seed)
+    };
+    let _one_thread = MatmulThreads::set(1);
+    let dir = run.checkpoint_dir("vq");
+    let mut trainer = VqTrainer::resume_or_new(&dir, &cfg.vq, &tcfg, device)?;
+    let side = cfg.vq.resolution as u32;
+    let batch = cfg.vq_batch;
+    let bar = indicatif::ProgressBar::new(cfg.vq_steps);
+    bar.set_position(trainer.step_count());
+    let started = Instant::now();
+    let mut log = Vec::new();
+    let mut window = (0f64, 0u64);
+    trainer.run(
+        cfg.vq_steps,
+        |step| {
+            let mut rng = StdRng::seed_from_u64(mix(seed, step));
+            let images: Vec<_> = (0..batch)
+                .map(|_| {
+                    let img = Scene::random(&mut rng, Split::Train).render();
+                    crate::model::vq::pixels::fit_square(&img, side)
+                })
+                .collect();
+            Ok(rgb_to_tensor(&images, device)?)
+        },
+        Some(&dir),
+        |s| {
+            bar.set_position(s.step);
+            bar.set_message(format!(
+                "recon {:.4} codes {}",
+                s.reconstruction, s.codes_in_batch
+            ));
+            window = (window.0 + s.reconstruction as f64, window.1 + 1);
+            if s.step.is_multiple_of(looping::LOG_WINDOW) {
+                log.push((window.0 / window.1 as f64) as f32);
+                if bar.is_hidden() {
+                    eprintln!(
+                        "vq: step {} recon {:.4} codes in batch {}",
+                        s.step,
+                        log.last().unwrap(),
+                        s.codes_in_batch
+                    );
+                }
+                window = (0.0, 0);
+            }
+        },
+    )?;
+    bar.finish();
+    trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
+    record(
+        &run.out,
+        StageLog {
+            stage: "vq".into(),
+            steps: trainer.step_count(),
+            seconds: started.elapsed().as_secs_f64(),
+            items: trainer.step_count() * batch as u64,
+            first_loss: log.first().copied(),
+            last_loss: log.last().copied(),
+            loss_log: log,
+        },
+    )
+}
+
+/// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call
+/// to choose its parallelism, until dropped. The global rayon pool is
+/// started first so that it keeps its full size.
+struct MatmulThreads(Option<String>);
+
+impl MatmulThreads {
+    fn set(n: usize) -> Self {
+        let _ = rayon::current_num_threads();
+        let old = std::env::var(RAYON_THREADS).ok();
+        std::env::set_var(RAYON_THREADS, n.to_string());
+        Self(old)
+    }
+}
+
+const RAYON_THREADS: &str = "RAYON_NUM_THREADS";
+
+impl Drop for MatmulThreads {
+    fn drop(&mut self) {
+        match &self.0 {
+            Some(v) => std::env::set_var(RAYON_THREADS, v),
+            None => std::env::remove_var(RAYON_THREADS),
+        }
+    }
+}
+
+/// What the decoder stages share: tokenizer, VQ model, model config.
+pub struct Assets {
+    pub tokenizer: Tokenizer,
+    pub layout: TokenizerLayout,
+    pub vq: VqModel,
+    pub config: Config,
+}
+
+impl Assets {
+    pub fn load(run: &Run, device: &Device) -> Result<Self> {
+        let (tokenizer, layout) =
+            load_tokenizer(&run.path(TOKENIZER_FILE)).context("run the tokenizer stage first")?;
+        let vq_path = run.path(VQ_WEIGHTS_FILE);
+        if !vq_path.exists() {
+            bail!("{}: missing; run the vq stage first", vq_path.display());
+        }
+        let vq = VqModel::load(&vq_path, &run.cfg.vq, device)?;
+        let config = model_config(run, &layout)?;
+        Ok(Self {
+            tokenizer,
+            layout,
+            vq,
+            config,
+        })
+    }
+
+    pub fn maker(&self) -> SeqMaker<'_> {
+        SeqMaker::new(&self.tokenizer, &self.layout, &self.vq)
+    }
+}
+
+/// The model's `config.json`: Chameleon fields, the tokenizer's ranges, the
+/// VQ model's config.
+pub fn model_config(run: &Run, layout: &TokenizerLayout) -> Result<Config> {
+    let d = &run.cfg.decoder;
+    let mut cfg: Config = serde_json::from_value(serde_json::json!({
+        "model_type": "chameleon",
+        "vocab_size": layout.vocab_size,
+        "hidden_size": d.hidden_size,
+        "intermediate_size": d.intermediate_size,
+        "num_hidden_layers": d.num_layers,
+        "num_attention_heads": d.num_heads,
+        "num_key_value_heads": d.num_heads,
+        "max_position_embeddings": d.max_position_embeddings,
+    }))?;
+    cfg.molora = MoloraConfig::default();
+    let g = run.cfg.vq.grid_size();
+    layout.apply_to_config(&mut cfg, [g, g]);
+    cfg.vq_config = Some(serde_json::to_value(&run.cfg.vq)?);
+    cfg.validate()
+        .context("the pipeline gives an invalid model config")?;
+    Ok(cfg)
+}
+
+/// Runs a decoder-side loop and records it.
+fn train_loop(
+    run: &Run,
+    stage: &str,
+    varmap: &VarMap,
+    schedule: &looping::Schedule,
+    step_fn: impl FnMut(u64) -> Result<StepOut>,
+) -> Result<()> {
+    let state = looping::run(stage, varmap, schedule, &run.checkpoint_dir(stage), step_fn)?;
+    record(
+        &run.out,
+        StageLog {
+            stage: stage.into(),
+            steps: state.step,
+            seconds: state.seconds,
+            items: state.items,
+            first_loss: state.loss_log.first().copied(),
+            last_loss: state.loss_log.last().copied(),
+            loss_log: state.loss_log,
+        },
+    )
+}
+
+/// `base`: the whole decoder on the mixture of every task.
+pub fn base(run: &Run, device: &Device) -> Result<()> {
+    let assets = Assets::load(run, device)?;
+    let cfg = &assets.config;
+    let varmap = VarMap::new();
+    let model = TrainDecoder::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    set_vars(&varmap, &init_tensors(cfg, run.stage_seed("base-init"))?)?;
+    let mut maker = assets.maker();
+    let (seed, pc) = (run.stage_seed("base"), &run.cfg);
+    let mixture = mixture_for("base");
+    train_loop(run, "base", &varmap, &pc.base, |step| {
+        let batch = maker.batch(
+            &mixture,
+            seed,
+            step,
+            pc.batch_rows,
+            pc.batch_len,
+            pc.base_prompt_weight,
+            device,
+        )?;
+        Ok(StepOut {
+            loss: model.loss(&batch, &super::decoder::NoAdapters)?,
+            items: batch.tokens,
+        })
+    })?;
+    cfg.to_file(&run.path(CONFIG_FILE))?;
+    varmap
+        .save(run.path(SINGLE_FILE))
+        .with_context(|| format!("{}: cannot write", run.path(SINGLE_FILE).display()))?;
+    Ok(())
+}
+
+/// The trained base, frozen.
+pub fn frozen_base(run: &Run, cfg: &Config, device: &Device) -> Result<TrainDecoder> {
+    let path = run.path(SINGLE_FILE);
+    if !path.exists() {
+        bail!("{}: missing; run the base stage first", path.display());
+    }
+    // SAFETY: the file is not modified while mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device)? };
+    Ok(TrainDecoder::new(cfg, vb)?)
+}
+
+/// A trained adapter of the model directory, frozen.
+pub fn frozen_adapter(run: &Run, name: &str, cfg: &Config, device: &Device) -> Result<TrainLora> {
+    let dir = run.path(ADAPTERS_DIR).join(name);
+    let adapter = LoraAdapter::load(&dir, cfg, device)
+        .with_context(|| format!("adapter {name:?}: train it first"))?;
+    Ok(TrainLora::frozen(&adapter))
+}
+
+/// Which rows each adapter serves: by modality (token id) or by routing
+/// label (semantic adapters on text rows), as inference routes them with an
+/// exact gate.
+pub struct OracleRouting<'a> {
+    pub entries: Vec<(&'a TrainLora, Tensor)>,
+}
+
+impl<'a> OracleRouting<'a> {
+    pub fn new(adapters: &[&'a TrainLora], batch: &PackedBatch, image_start: u32) -> Result<Self> {
+        let mut entries = Vec::with_capacity(adapters.len());
+        for &a in adapters {
+            let is_text = |i: usize| batch.host_ids[i] < image_start;
+            let mask = match a.name.as_str() {
+                "text" => batch.row_mask(is_text)?,
+                "image" => batch.row_mask(|i| !is_text(i))?,
+                name => batch.row_mask(|i| {
+                    is_text(i) && batch.labels[i].is_some_and(|d| expert_for(d) == name)
+                })?,
+            };
+            entries.push((a, mask));
+        }
+        Ok(Self { entries })
+    }
+}
+
+impl Routing for OracleRouting<'_> {
+    fn layer_adapters(&self, _: usize, _: &Tensor) -> candle_core::Result<LayerAdapters<'_>> {
+        Ok(self.entries.iter().map(|(a, m)| (*a, m.clone())).collect())
+    }
+}
+
+/// `adapter --name NAME`: one LoRA on its own data, base frozen; semantic
+/// adapters train on top of the (frozen) modality adapters they are served
+/// with.
+pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
+    let role = role_of(name)?;
+    let assets = Assets::load(run, device)?;
+    let cfg = &assets.config;
+    let base = frozen_base(run, cfg, device)?;
+    let frozen: Vec<TrainLora> = match name {
+        "text" | "image" => vec![],
+        _ => ["text", "image"]
+            .iter()
+            .map(|m| frozen_adapter(run, m, cfg, device))
+            .collect::<Result<_>>()?,
+    };
+    let varmap = VarMap::new();
+    let pc = &run.cfg;
+    let lora = TrainLora::new_trainable(
+        name,
+        role,
+        cfg,
+        pc.lora_rank,
+        pc.lora_alpha,
+        run.stage_seed(&format!("{name}-init")),
+        &varmap,
+        device,
+    )?;
+    let mut maker = assets.maker();
+    let seed = run.stage_seed(name);
+    let mixture = mixture_for(name);
+    let image_start = assets.layout.image_range.start;
+    train_loop(run, name, &varmap, &pc.adapter, |step| {
+        let batch = maker.batch(
+            &mixture,
+            seed,
+            step,
+            pc.batch_rows,
+            pc.batch_len,
+            pc.adapter_prompt_weight,
+            device,
+        )?;
+        let mut all: Vec<&TrainLora> = frozen.iter().collect();
+        all.push(&lora);
+        let routing = OracleRouting::new(&all, &batch, image_start)?;
+        Ok(StepOut {
+            loss: base.loss(&batch, &routing)?,
+            items: batch.tokens,
+        })
+    })?;
+    lora.to_adapter()?.save(&run.path(ADAPTERS_DIR).join(name))
+}
+
+/// `all`: every stage in order; finished stages resume at their last step
+/// and only write their product again.
+pub fn all(run: &Run, device: &Device) -> Result<()> {
+    let started = Instant::now();
+    let pipeline = run
+        .path(super::pipeline::CHECKPOINTS_DIR)
+        .join("pipeline.json");
+    std::fs::create_dir_all(pipeline.parent().unwrap())?;
+    if let Ok(text) = std::fs::read_to_string(&pipeline) {
+        let (seed, saved): (u64, super::pipeline::PipelineConfig) = serde_json::from_str(&text)
+            .with_context(|| format!("{}: unreadable", pipeline.display()))?;
+        if seed != run.seed || saved != run.cfg {
+            bail!(
+                "{} holds a run with another seed or preset; use another --out or delete it",
+                pipeline.display()
+            );
+        }
+    }
+    std::fs::write(
+        &pipeline,
+        serde_json::to_string_pretty(&(run.seed, &run.cfg))?,
+    )?;
+    if !run.path(TOKENIZER_FILE).exists() {
+        tokenizer(run)?;
+    }
+    vq(run, device)?;
+    base(run, device)?;
+    for name in ADAPTERS {
+        adapter(run, name, device)?;
+    }
+    super::gate_train::gate(run, device)?;
+    eprintln!(
+        "pipeline done in {:.1} min -> {}",
+        started.elapsed().as_secs_f64() / 60.0,
+        run.out.display()
+    );
+    Ok(())
+}
