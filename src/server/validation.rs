@@ -383,7 +383,11 @@ impl Validator {
         };
         let limits = Limits {
             max_tokens: self.limits.max_tokens,
-            max_top_k: self.vocab.vocab_size,
+            // A top_k at or above the vocabulary keeps every token (the
+            // sampler skips the filter), so the documented image default of
+            // 100 must pass on small vocabularies too; the bound only
+            // catches nonsense.
+            max_top_k: self.vocab.vocab_size.max(Limits::default().max_top_k),
         };
         params
             .validate(&limits)
