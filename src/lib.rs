@@ -8,6 +8,7 @@ pub mod bench;
 pub mod dispatch;
 pub mod engine;
 pub mod engine_runner;
+pub mod eval;
 pub mod model;
 pub mod random_model;
 pub mod routing;

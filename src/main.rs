@@ -57,6 +57,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Measure a model's quality: pictures read back by the pixel checker,
+    /// exact match per text domain and on mixed requests, gate routing
+    /// accuracy, each adapter against base; one table per routing mode.
+    Eval(molora::eval::EvalArgs),
     /// Benchmark routing modes, LoRA overhead and decode speed on random models
     /// of the demo size; prints tables (or JSON lines).
     Bench {
@@ -133,6 +137,7 @@ fn try_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Eval(args) => molora::eval::cli(args),
         Command::Bench {
             json,
             quick,

@@ -1,0 +1,203 @@
+//! The generation rows of the evaluation: held-out prompts of every task
+//! (drawing from captions, arithmetic, code, captioning, mixed requests),
+//! generated in one routing mode and scored by the world's own scorer
+//! ([`crate::train::data::scoring`]).
+//!
+//! Invariants:
+//! - the suite is built once from the seed and shared by every mode, so the
+//!   modes are compared on the very same prompts;
+//! - every item is held out: [`Split::Test`] scenes and expressions;
+//! - `per_sequence` forces what a per-sequence server picks for the whole
+//!   request: the adapters of the domain of the answer's first part (the
+//!   image adapter for a picture; the text adapter plus that domain's
+//!   semantic adapter for text). The other part of a mixed request goes
+//!   without its adapter, which is the cost that mode shows.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::generation::{generate, produced, Decoding, GenRequest};
+use super::model::EvalModel;
+use crate::engine::{AdapterRequest, EngineHandle};
+use crate::routing::mode::RoutingMode;
+use crate::train::data::checker::AttributeTally;
+use crate::train::data::scoring::score;
+use crate::train::data::text_domains::{sample, sample_mixed_kind, MixedKind};
+use crate::train::data::{Domain, Scene, Segment, Split, Task, TextExample};
+
+/// Tokens a text answer may run past its gold length.
+const TEXT_SLACK: usize = 8;
+
+pub fn mixed_kind_name(kind: MixedKind) -> &'static str {
+    match kind {
+        MixedKind::CodeAndResult => "code and result",
+        MixedKind::DrawAndSides => "draw and sides",
+        MixedKind::DrawAndCompute => "draw and compute",
+        MixedKind::DescribeAndCompute => "describe and compute",
+    }
+}
+
+/// One held-out prompt and what it needs.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub example: TextExample,
+    /// The mixed kind, for mixed requests.
+    pub kind: Option<MixedKind>,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    /// The adapters `per_sequence` forces on this request.
+    pub forced: Vec<String>,
+}
+
+/// The prompts every mode is run on.
+pub struct Suite {
+    pub items: Vec<Item>,
+}
+
+/// Which tasks can be posed to this model: picture tasks need a VQ model.
+pub fn tasks_for(model: &EvalModel) -> Vec<Task> {
+    Task::ALL
+        .into_iter()
+        .filter(|t| model.vq.is_some() || matches!(t, Task::Arithmetic | Task::Code))
+        .collect()
+}
+
+/// `n` held-out items per task (mixed kinds in turn), deterministic from `seed`.
+pub fn build_suite(model: &EvalModel, n: usize, seed: u64) -> Result<Suite> {
+    let enc = model.encoder();
+    let tasks = tasks_for(model);
+    let tpi = model.tokens_per_image();
+    let mut items = Vec::with_capacity(n * tasks.len());
+    for task in tasks {
+        let mut rng = StdRng::seed_from_u64(seed ^ (0xe7a1_0000 + task as u64));
+        for i in 0..n {
+            let (example, kind) = match task {
+                Task::Mixed => {
+                    let kind = MixedKind::ALL[i % MixedKind::ALL.len()];
+                    (sample_mixed_kind(&mut rng, kind, Split::Test), Some(kind))
+                }
+                _ => (sample(&mut rng, task, Split::Test), None),
+            };
+            let prompt = enc.encode_prompt(&example, &mut |s: &Scene| model.scene_codes(s))?;
+            // Only the length of the gold answer matters here.
+            let full = enc.encode_example(&example, &mut |_: &Scene| Ok(vec![0u32; tpi]))?;
+            let answer_len = full.len() - prompt.len();
+            let forced = per_sequence_adapters(model, &example)?;
+            items.push(Item {
+                example,
+                kind,
+                prompt: prompt.ids,
+                max_tokens: answer_len + TEXT_SLACK,
+                forced,
+            });
+        }
+    }
+    Ok(Suite { items })
+}
+
+/// The adapter set a per-sequence server would route the whole request to.
+pub fn per_sequence_adapters(model: &EvalModel, example: &TextExample) -> Result<Vec<String>> {
+    let first = example
+        .answer
+        .first()
+        .map(|p| p.segment.domain())
+        .unwrap_or(Domain::Caption);
+    let mut names = Vec::new();
+    if first == Domain::Image {
+        names.extend(model.modality_adapter("image").map(|a| a.name.clone()));
+    } else {
+        names.extend(model.modality_adapter("text").map(|a| a.name.clone()));
+        names.extend(model.semantic_adapter(first).map(|a| a.name.clone()));
+    }
+    if names.is_empty() {
+        bail!(
+            "per_sequence needs an adapter for {} answers, but the model has none",
+            first.name()
+        );
+    }
+    Ok(names)
+}
+
+/// Scores of one mode over the suite.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TaskScores {
+    /// Attributes read from the pixels of drawn pictures.
+    pub draw: AttributeTally,
+    /// Attributes read from the words of produced captions.
+    pub caption: AttributeTally,
+    /// (exactly right, posed) per task.
+    pub exact: BTreeMap<String, (usize, usize)>,
+    /// (exactly right, posed) per mixed kind.
+    pub mixed: BTreeMap<String, (usize, usize)>,
+    /// Requests the engine refused or failed, and the first reason.
+    pub failed: usize,
+    pub first_failure: Option<String>,
+    pub generated_tokens: usize,
+    pub wall_s: f64,
+}
+
+/// Generates every item of the suite in `mode` and scores it.
+pub fn run_suite(
+    model: &EvalModel,
+    engine: &EngineHandle,
+    suite: &Suite,
+    mode: RoutingMode,
+    decoding: Decoding,
+) -> Result<TaskScores> {
+    let start = Instant::now();
+    let requests: Vec<GenRequest> = suite
+        .items
+        .iter()
+        .map(|item| GenRequest {
+            prompt: item.prompt.clone(),
+            adapters: match mode {
+                RoutingMode::PerSequence => AdapterRequest {
+                    forced: item.forced.clone(),
+                    ..AdapterRequest::default()
+                },
+                _ => AdapterRequest::default(),
+            },
+            max_tokens: item.max_tokens,
+        })
+        .collect();
+    let outputs = generate(engine, &requests, mode, decoding)?;
+    let mut scores = TaskScores::default();
+    for (item, output) in suite.items.iter().zip(outputs) {
+        let ids = output.unwrap_or_else(|e| {
+            scores.failed += 1;
+            scores.first_failure.get_or_insert(e);
+            Vec::new()
+        });
+        scores.generated_tokens += ids.len();
+        let s = score(&item.example, &produced(model, &ids)?);
+        let task = item.example.task;
+        let tally = scores.exact.entry(task.name().into()).or_default();
+        tally.0 += s.exact as usize;
+        tally.1 += 1;
+        if let Some(kind) = item.kind {
+            let tally = scores
+                .mixed
+                .entry(mixed_kind_name(kind).into())
+                .or_default();
+            tally.0 += s.exact as usize;
+            tally.1 += 1;
+        }
+        for (part, gold) in s.parts.iter().zip(&item.example.answer) {
+            let Some(attributes) = &part.attributes else {
+                continue;
+            };
+            match (task, &gold.segment) {
+                (Task::Draw, Segment::Image(_)) => scores.draw.add(attributes),
+                (Task::Caption, Segment::Text { .. }) => scores.caption.add(attributes),
+                _ => {}
+            }
+        }
+    }
+    scores.wall_s = start.elapsed().as_secs_f64();
+    Ok(scores)
+}
