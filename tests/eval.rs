@@ -137,10 +137,12 @@ fn report_measures_gate_only_where_it_runs_and_every_adapter() {
         );
         assert_eq!(m.gate.is_some(), gated, "{}", m.mode);
         assert_eq!(m.tasks.failed, 0, "{:?}", m.tasks.first_failure);
-        // Two items of each of the five tasks, all scored.
+        // Two items of each of the five tasks and of unseen-pair drawings,
+        // all scored.
         let posed: usize = m.tasks.exact.values().map(|v| v.1).sum();
-        assert_eq!(posed, 10);
+        assert_eq!(posed, 12);
         assert_eq!(m.tasks.draw.checked, 2);
+        assert_eq!(m.tasks.draw_unseen.checked, 2);
         assert!(m.tasks.generated_tokens > 0);
     }
     // text, image, math, code, caption serve world domains; chat does not.
@@ -149,6 +151,8 @@ fn report_measures_gate_only_where_it_runs_and_every_adapter() {
     for a in &report.adapters {
         assert!(a.tokens > 0 && a.base_loss.is_finite() && a.adapter_loss.is_finite());
     }
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["modes"].as_array().unwrap().len(), 4);
     let vq = report.vq.as_ref().unwrap();
     assert_eq!(vq.images, 8);
     assert!(vq.psnr_db > 0.0 && vq.psnr_db < 100.0);
@@ -268,4 +272,35 @@ fn mixed_requests_are_scored_by_the_real_scorer() {
     let s = score(&ex, &produced);
     assert!(!s.exact && !s.parts[0].ok && s.parts[1].ok, "{s:?}");
     assert!(s.parts[0].attributes.is_some());
+}
+
+/// Writes a random model of the demo's size (`init-random` defaults) with a
+/// random VQ of configs/vq_demo.json into $EVAL_DEMO_DIR, for timing
+/// `molora eval` at the demo size before a trained model exists:
+/// `EVAL_DEMO_DIR=/tmp/demo-random cargo test --release --test eval -- --ignored`.
+#[test]
+#[ignore]
+fn write_demo_size_random_model() {
+    let Ok(dir) = std::env::var("EVAL_DEMO_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let cfg_path = dir.join("config.json");
+    write_random_model(&dir, &Default::default()).unwrap();
+    let vq_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/vq_demo.json");
+    let vq_cfg = VqConfig::from_file(&vq_path).unwrap();
+    let vm = VarMap::new();
+    VqModel::new(
+        &vq_cfg,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    vm.save(dir.join(VQ_WEIGHTS_FILE)).unwrap();
+    let mut cfg = Config::from_file(&cfg_path).unwrap();
+    assert_eq!(
+        vq_cfg.tokens_per_image(),
+        cfg.vocab().unwrap().tokens_per_image
+    );
+    cfg.vq_config = Some(serde_json::to_value(&vq_cfg).unwrap());
+    cfg.to_file(&cfg_path).unwrap();
 }

@@ -141,6 +141,15 @@ pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
         .map(|&a| (a, draw_targets(a)))
         .collect();
     let mut rows = attribute_rows("image (drawn from held-out captions):", &t.draw, &draw);
+    let unseen: Vec<(&str, &'static str)> = ["colour", "shape", "position", "count", "all"]
+        .iter()
+        .map(|&a| (a, ""))
+        .collect();
+    rows.extend(attribute_rows(
+        "image (unseen colour-shape pairs):",
+        &t.draw_unseen,
+        &unseen,
+    ));
     let (h, n) = exact("arithmetic");
     rows.push(Row::rate(
         "arithmetic exact match",
@@ -391,17 +400,21 @@ pub fn markdown(r: &EvalReport) -> String {
     out.push_str(
         "\n### Each adapter against base on its own domain\n\n\
          Mean next-token loss (nats) over held-out answer tokens of the adapter's \
-         domains; \"adapter\" = that adapter alone on every token.\n\n\
-         | adapter | domains | tokens | base loss | adapter loss | base ppl | adapter ppl | beats base |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
+         domains, with the adapter off and on where it is served: a modality \
+         adapter on the rows of its modality, over the base; a semantic adapter \
+         as the gate's only expert (every text row), over the base with the \
+         modality adapters it was trained on top of.\n\n\
+         | adapter | domains | off = | tokens | loss off | loss on | ppl off | ppl on | better on |\n\
+         | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
     );
     for a in &r.adapters {
         let domains: Vec<&str> = a.domains.iter().map(|d| d.name()).collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} |",
             a.adapter,
             domains.join(", "),
+            a.baseline,
             a.tokens,
             a.base_loss,
             a.adapter_loss,

@@ -6,7 +6,9 @@
 //! Invariants:
 //! - the suite is built once from the seed and shared by every mode, so the
 //!   modes are compared on the very same prompts;
-//! - every item is held out: [`Split::Test`] scenes and expressions;
+//! - every item is held out: [`Split::Test`] scenes and expressions, plus
+//!   one row of drawings whose colour-shape pairs training never saw
+//!   ([`Split::HeldOutPairs`]);
 //! - `per_sequence` forces what a per-sequence server picks for the whole
 //!   request: the adapters of the domain of the answer's first part (the
 //!   image adapter for a picture; the text adapter plus that domain's
@@ -48,6 +50,9 @@ pub struct Item {
     pub example: TextExample,
     /// The mixed kind, for mixed requests.
     pub kind: Option<MixedKind>,
+    /// [`Split::Test`], or [`Split::HeldOutPairs`] for the drawings of
+    /// colour-shape pairs never seen in training.
+    pub split: Split,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     /// The adapters `per_sequence` forces on this request.
@@ -67,21 +72,40 @@ pub fn tasks_for(model: &EvalModel) -> Vec<Task> {
         .collect()
 }
 
-/// `n` held-out items per task (mixed kinds in turn), deterministic from `seed`.
+/// The row key of an item's exact-match tally.
+pub fn row_key(task: Task, split: Split) -> &'static str {
+    match (task, split) {
+        (Task::Draw, Split::HeldOutPairs) => UNSEEN_PAIRS,
+        _ => task.name(),
+    }
+}
+
+/// Drawings of held-out colour-shape pairs.
+pub const UNSEEN_PAIRS: &str = "draw (unseen pairs)";
+
+/// `n` held-out items per task (mixed kinds in turn), plus `n` drawings of
+/// unseen colour-shape pairs; deterministic from `seed`.
 pub fn build_suite(model: &EvalModel, n: usize, seed: u64) -> Result<Suite> {
     let enc = model.encoder();
-    let tasks = tasks_for(model);
+    let mut rows: Vec<(Task, Split)> = tasks_for(model)
+        .into_iter()
+        .map(|t| (t, Split::Test))
+        .collect();
+    if rows.iter().any(|r| r.0 == Task::Draw) {
+        rows.push((Task::Draw, Split::HeldOutPairs));
+    }
     let tpi = model.tokens_per_image();
-    let mut items = Vec::with_capacity(n * tasks.len());
-    for task in tasks {
-        let mut rng = StdRng::seed_from_u64(seed ^ (0xe7a1_0000 + task as u64));
+    let mut items = Vec::with_capacity(n * rows.len());
+    for (task, split) in rows {
+        let stream = task as u64 + 16 * (split == Split::HeldOutPairs) as u64;
+        let mut rng = StdRng::seed_from_u64(seed ^ (0xe7a1_0000 + stream));
         for i in 0..n {
             let (example, kind) = match task {
                 Task::Mixed => {
                     let kind = MixedKind::ALL[i % MixedKind::ALL.len()];
-                    (sample_mixed_kind(&mut rng, kind, Split::Test), Some(kind))
+                    (sample_mixed_kind(&mut rng, kind, split), Some(kind))
                 }
-                _ => (sample(&mut rng, task, Split::Test), None),
+                _ => (sample(&mut rng, task, split), None),
             };
             let prompt = enc.encode_prompt(&example, &mut |s: &Scene| model.scene_codes(s))?;
             // Only the length of the gold answer matters here.
@@ -91,6 +115,7 @@ pub fn build_suite(model: &EvalModel, n: usize, seed: u64) -> Result<Suite> {
             items.push(Item {
                 example,
                 kind,
+                split,
                 prompt: prompt.ids,
                 max_tokens: answer_len + TEXT_SLACK,
                 forced,
@@ -128,6 +153,8 @@ pub fn per_sequence_adapters(model: &EvalModel, example: &TextExample) -> Result
 pub struct TaskScores {
     /// Attributes read from the pixels of drawn pictures.
     pub draw: AttributeTally,
+    /// The same for drawings of colour-shape pairs never seen in training.
+    pub draw_unseen: AttributeTally,
     /// Attributes read from the words of produced captions.
     pub caption: AttributeTally,
     /// (exactly right, posed) per task.
@@ -176,7 +203,10 @@ pub fn run_suite(
         scores.generated_tokens += ids.len();
         let s = score(&item.example, &produced(model, &ids)?);
         let task = item.example.task;
-        let tally = scores.exact.entry(task.name().into()).or_default();
+        let tally = scores
+            .exact
+            .entry(row_key(task, item.split).into())
+            .or_default();
         tally.0 += s.exact as usize;
         tally.1 += 1;
         if let Some(kind) = item.kind {
@@ -192,6 +222,9 @@ pub fn run_suite(
                 continue;
             };
             match (task, &gold.segment) {
+                (Task::Draw, Segment::Image(_)) if item.split == Split::HeldOutPairs => {
+                    scores.draw_unseen.add(attributes)
+                }
                 (Task::Draw, Segment::Image(_)) => scores.draw.add(attributes),
                 (Task::Caption, Segment::Text { .. }) => scores.caption.add(attributes),
                 _ => {}

@@ -5,8 +5,8 @@
 //!   semantic adapter among the gate's experts, is the gate's top-1 pick
 //!   (at the last layer, as the runner reports it) an adapter of that domain?
 //! - each adapter against base on its own domain: the mean next-token loss
-//!   over the answer tokens of the adapter's domains with that adapter alone
-//!   on every token, against the same tokens with no adapter.
+//!   over the answer tokens of the adapter's domains with the adapter
+//!   switched on and off, where it is served (see [`comparison`]).
 //!
 //! Invariants:
 //! - adapters map to domains only through their role metadata
@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use super::model::{role_domains, AdapterDomain, EvalModel};
 use super::tasks::tasks_for;
-use crate::adapters::{SlotId, NULL_SLOT};
+use crate::adapters::{AdapterRole, SlotId, NULL_SLOT};
 use crate::engine_runner::{AdapterSelection, ModelRunner, SeqStep};
 use crate::routing::mode::RoutingMode;
 use crate::train::data::encode::EncodedSequence;
@@ -162,16 +162,20 @@ pub fn gate_accuracy(
     Ok(Some(tally))
 }
 
-/// One adapter against base on its own domain's tokens.
+/// One adapter switched on and off on its own domain's tokens.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdapterVsBase {
     pub adapter: String,
     pub domains: Vec<Domain>,
+    /// What the adapter is added to: "base", or "base + text + image" for a
+    /// semantic adapter (it is trained and served on top of the modality
+    /// adapters).
+    pub baseline: String,
     /// Answer tokens of those domains the losses average over.
     pub tokens: usize,
-    /// Mean next-token loss (nats) with no adapter.
+    /// Mean next-token loss (nats) of the baseline.
     pub base_loss: f64,
-    /// The same with this adapter alone on every token.
+    /// The same with the adapter switched on.
     pub adapter_loss: f64,
 }
 
@@ -231,36 +235,143 @@ fn mean_loss(
     (if n > 0 { sum / n as f64 } else { f64::NAN }, n)
 }
 
-/// Every adapter that serves a domain of the world, against base.
+/// How one adapter is switched on and off.
+struct Comparison {
+    baseline: String,
+    without: AdapterSelection,
+    with: AdapterSelection,
+    /// The mode both run in.
+    mode: RoutingMode,
+}
+
+/// The comparison of one adapter:
+///
+/// - A modality adapter serves the rows of its modality (by token id), as
+///   the vocabulary-range router routes it; without it, the base.
+/// - A semantic adapter is added to the modality adapters as the only expert
+///   the gate may pick, so every text row gets it at full weight; without
+///   it, the modality adapters alone. A model without a gate forces it with
+///   the text adapter on every row instead.
+fn comparison(runner: &mut ModelRunner, adapter: &AdapterDomain) -> Result<Comparison> {
+    let modalities: Vec<String> = runner
+        .vocab
+        .modalities
+        .iter()
+        .map(|m| m.name.clone())
+        .collect();
+    let slot = runner.hot_set.acquire(&adapter.name)?;
+    match &adapter.role {
+        AdapterRole::Modality { modality } => {
+            let with = AdapterSelection {
+                modality: modalities
+                    .iter()
+                    .map(|m| (m == modality).then_some(slot))
+                    .collect(),
+                ..AdapterSelection::default()
+            };
+            Ok(Comparison {
+                baseline: "base".into(),
+                without: AdapterSelection::default(),
+                with,
+                mode: RoutingMode::SinglePass,
+            })
+        }
+        AdapterRole::Semantic { .. } => {
+            let mut under = AdapterSelection::default();
+            let mut names = vec!["base".to_string()];
+            for m in &modalities {
+                let name = runner.modality_adapter(m);
+                under.modality.push(match &name {
+                    Some(n) => Some(runner.hot_set.acquire(n)?),
+                    None => None,
+                });
+                names.extend(name);
+            }
+            let expert = runner
+                .gate
+                .as_ref()
+                .and_then(|g| g.expert_index(&adapter.name));
+            let (with, mode) = match expert {
+                Some(e) => (
+                    AdapterSelection {
+                        gate_set: vec![(e, slot)],
+                        ..under.clone()
+                    },
+                    RoutingMode::SinglePass,
+                ),
+                None => {
+                    // Forced on every row (per_sequence with nothing forced
+                    // is the base).
+                    let text = under.modality.first().copied().flatten();
+                    let without = AdapterSelection {
+                        forced: text.map(|s| (s, 1.0)).into_iter().collect(),
+                        ..AdapterSelection::default()
+                    };
+                    let mut with = without.clone();
+                    with.forced.push((slot, 1.0));
+                    let baseline = match text {
+                        Some(_) => "base + text (forced)".to_string(),
+                        None => "base".to_string(),
+                    };
+                    return Ok(Comparison {
+                        baseline,
+                        without,
+                        with,
+                        mode: RoutingMode::PerSequence,
+                    });
+                }
+            };
+            Ok(Comparison {
+                baseline: names.join(" + "),
+                without: under,
+                with,
+                mode,
+            })
+        }
+    }
+}
+
+/// Every adapter that serves a domain of the world, switched on and off.
 pub fn adapters_vs_base(
     runner: &mut ModelRunner,
     adapters: &[AdapterDomain],
     seqs: &[EncodedSequence],
 ) -> Result<Vec<AdapterVsBase>> {
-    let base = token_losses(
-        runner,
-        seqs,
-        RoutingMode::Base,
-        &AdapterSelection::default(),
-    )?;
+    // Baselines are shared (the base, the modality adapters): run each once.
+    let mut memo = Vec::new();
     let mut out = Vec::new();
     for a in adapters.iter().filter(|a| !a.domains.is_empty()) {
-        let slot = runner.hot_set.acquire(&a.name)?;
-        let selection = AdapterSelection {
-            forced: vec![(slot, 1.0)],
-            ..AdapterSelection::default()
-        };
-        let with = token_losses(runner, seqs, RoutingMode::PerSequence, &selection)?;
-        runner.hot_set.release(&a.name)?;
-        let (base_loss, tokens) = mean_loss(seqs, &base, &a.domains);
-        let (adapter_loss, _) = mean_loss(seqs, &with, &a.domains);
+        let c = comparison(runner, a)?;
+        let off = memo_losses(&mut memo, runner, seqs, c.mode, &c.without)?;
+        let on = memo_losses(&mut memo, runner, seqs, c.mode, &c.with)?;
+        let (base_loss, tokens) = mean_loss(seqs, &memo[off].2, &a.domains);
+        let (adapter_loss, _) = mean_loss(seqs, &memo[on].2, &a.domains);
         out.push(AdapterVsBase {
             adapter: a.name.clone(),
             domains: a.domains.clone(),
+            baseline: c.baseline,
             tokens,
             base_loss,
             adapter_loss,
         });
     }
     Ok(out)
+}
+
+type Memo = Vec<(RoutingMode, AdapterSelection, Vec<Vec<Option<f32>>>)>;
+
+/// The index in `memo` of the losses of (`mode`, `selection`), computed once.
+fn memo_losses(
+    memo: &mut Memo,
+    runner: &ModelRunner,
+    seqs: &[EncodedSequence],
+    mode: RoutingMode,
+    selection: &AdapterSelection,
+) -> Result<usize> {
+    if let Some(i) = memo.iter().position(|m| m.0 == mode && &m.1 == selection) {
+        return Ok(i);
+    }
+    let losses = token_losses(runner, seqs, mode, selection)?;
+    memo.push((mode, selection.clone(), losses));
+    Ok(memo.len() - 1)
 }
