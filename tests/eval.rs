@@ -73,7 +73,17 @@ fn eval_command_prints_every_row_for_every_mode() {
     let result = Command::new(env!("CARGO_BIN_EXE_molora"))
         .args(["eval", "--model"])
         .arg(&dir)
-        .args(["--n", "4", "--checker-n", "20", "--seed", "3", "--quiet"])
+        .args([
+            "--n",
+            "4",
+            "--checker-n",
+            "20",
+            "--vq-n",
+            "10",
+            "--seed",
+            "3",
+            "--quiet",
+        ])
         .arg("--out")
         .arg(&out)
         .output()
@@ -125,7 +135,8 @@ fn report_measures_gate_only_where_it_runs_and_every_adapter() {
     let dir = tiny_model_with_vq("report");
     let args = EvalArgs {
         n: 2,
-        checker_n: 8,
+        checker_n: 12,
+        vq_n: 8,
         ..EvalArgs::for_model(&dir)
     };
     let report = run(&args).unwrap();

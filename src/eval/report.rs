@@ -31,7 +31,7 @@ pub struct EvalReport {
     pub model_dir: String,
     /// Bytes of every file under the model directory.
     pub model_bytes: u64,
-    /// Items per generation row and per teacher-forced task.
+    /// Items per generation row (half as many per teacher-forced task).
     pub n: usize,
     pub seed: u64,
     pub image_temperature: f32,
