@@ -86,6 +86,8 @@ fn eval_command_prints_every_row_for_every_mode() {
         ])
         .arg("--out")
         .arg(&out)
+        .arg("--save-images")
+        .arg(dir.join("pictures"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&result.stdout);
@@ -124,6 +126,8 @@ fn eval_command_prints_every_row_for_every_mode() {
         assert!(stdout.contains(heading), "missing {heading}");
     }
     assert!(stdout.contains("| checker on ground-truth renderings: all | 100.0% | 20 |"));
+    let pictures = dir.join("pictures");
+    assert!(pictures.join("vq-0-reconstruction.png").is_file());
     let page = std::fs::read_to_string(&out).unwrap();
     assert!(page.contains("--checker-n 20") && page.contains(&dir.display().to_string()));
     assert!(page.contains("- date: ") && page.contains("- machine: "));

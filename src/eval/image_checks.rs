@@ -40,7 +40,13 @@ pub struct VqCheck {
     /// against the rendering, at the VQ model's resolution.
     pub psnr_db: f64,
     pub images: usize,
+    /// The first few (rendering, reconstruction) pairs, for `--save-images`.
+    #[serde(skip)]
+    pub samples: Vec<(RgbImage, RgbImage)>,
 }
+
+/// Reconstructions kept for `--save-images`.
+pub const KEPT_SAMPLES: usize = 8;
 
 /// Encodes and decodes each scene's rendering; reads the reconstructions
 /// back and measures their PSNR.
@@ -59,7 +65,11 @@ pub fn checker_on_vq(model: &EvalModel, scenes: &[Scene]) -> Result<VqCheck> {
     let mut psnr_sum = 0.0;
     for ((scene, render), img) in scenes.iter().zip(&renders).zip(recon) {
         psnr_sum += psnr(&fit_square(render, side), &img);
-        out.checker.add(&check(&at_checker_size(img), scene));
+        let img = at_checker_size(img);
+        out.checker.add(&check(&img, scene));
+        if out.samples.len() < KEPT_SAMPLES {
+            out.samples.push((render.clone(), img));
+        }
     }
     out.psnr_db = psnr_sum / scenes.len().max(1) as f64;
     Ok(out)

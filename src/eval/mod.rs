@@ -75,6 +75,10 @@ pub struct EvalArgs {
     /// (e.g. EVAL.md).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also save a few pictures here: VQ reconstructions beside their
+    /// renderings, and each mode's first drawings named by their caption.
+    #[arg(long)]
+    pub save_images: Option<PathBuf>,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -93,6 +97,7 @@ impl EvalArgs {
             image_temperature: 0.0,
             json: false,
             out: None,
+            save_images: None,
             quiet: true,
         }
     }
@@ -181,12 +186,41 @@ pub fn cli(args: EvalArgs) -> Result<()> {
     } else {
         print!("{tables}");
     }
+    if let Some(dir) = &args.save_images {
+        save_images(&report, dir)?;
+    }
     if let Some(path) = &args.out {
         let command: Vec<String> = std::env::args().collect();
         let page = provenance::eval_page(&command.join(" "), &args.model, report.wall_s, &tables);
         std::fs::write(path, page).with_context(|| format!("{}: cannot write", path.display()))?;
         if !args.quiet {
             eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes the pictures kept by the report as PNG files under `dir`.
+fn save_images(report: &EvalReport, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let save = |name: String, img: &image::RgbImage| -> Result<()> {
+        if img.width() == 0 {
+            return Ok(()); // an incomplete image block: nothing to show
+        }
+        let path = dir.join(name);
+        img.save(&path)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    };
+    if let Some(vq) = &report.vq {
+        for (i, (render, recon)) in vq.samples.iter().enumerate() {
+            save(format!("vq-{i}-rendering.png"), render)?;
+            save(format!("vq-{i}-reconstruction.png"), recon)?;
+        }
+    }
+    for m in &report.modes {
+        for (i, (caption, img)) in m.tasks.drawings.iter().enumerate() {
+            let caption = caption.replace(' ', "_");
+            save(format!("{}-{i}-{caption}.png", m.mode), img)?;
         }
     }
     Ok(())

@@ -28,9 +28,10 @@ use super::model::EvalModel;
 use crate::engine::{AdapterRequest, EngineHandle};
 use crate::routing::mode::RoutingMode;
 use crate::train::data::checker::AttributeTally;
-use crate::train::data::scoring::score;
+use crate::train::data::scoring::{score, Produced};
 use crate::train::data::text_domains::{sample, sample_mixed_kind, MixedKind};
-use crate::train::data::{Domain, Scene, Segment, Split, Task, TextExample};
+use crate::train::data::{Check, Domain, Scene, Segment, Split, Task, TextExample};
+use image::RgbImage;
 
 /// Tokens a text answer may run past its gold length.
 const TEXT_SLACK: usize = 8;
@@ -166,7 +167,14 @@ pub struct TaskScores {
     pub first_failure: Option<String>,
     pub generated_tokens: usize,
     pub wall_s: f64,
+    /// The first few drawings with the caption they were asked for (for
+    /// `--save-images`).
+    #[serde(skip)]
+    pub drawings: Vec<(String, RgbImage)>,
 }
+
+/// Drawings kept per mode for `--save-images`.
+pub const KEPT_DRAWINGS: usize = 8;
 
 /// Generates every item of the suite in `mode` and scores it.
 pub fn run_suite(
@@ -201,7 +209,16 @@ pub fn run_suite(
             Vec::new()
         });
         scores.generated_tokens += ids.len();
-        let s = score(&item.example, &produced(model, &ids)?);
+        let produced = produced(model, &ids)?;
+        let s = score(&item.example, &produced);
+        if item.example.task == Task::Draw && scores.drawings.len() < KEPT_DRAWINGS {
+            if let (Some(Produced::Image(img)), Some(Check::Image(scene))) = (
+                produced.first(),
+                item.example.answer.first().map(|a| &a.check),
+            ) {
+                scores.drawings.push((scene.caption(), img.clone()));
+            }
+        }
         let task = item.example.task;
         let tally = scores
             .exact
