@@ -50,7 +50,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 100)]
     pub n: usize,
     /// Scenes the checker is validated on (ground-truth renderings).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     pub checker_n: usize,
     /// Scenes VQ-encoded and decoded for the PSNR and the checker on
     /// reconstructions (the first of the checker's scenes).
@@ -90,7 +90,7 @@ impl EvalArgs {
         Self {
             model: model.into(),
             n: 100,
-            checker_n: 500,
+            checker_n: 1000,
             vq_n: 200,
             seed: 0,
             modes: RoutingMode::ALL.to_vec(),
