@@ -319,3 +319,27 @@ fn write_demo_size_random_model() {
     cfg.vq_config = Some(serde_json::to_value(&vq_cfg).unwrap());
     cfg.to_file(&cfg_path).unwrap();
 }
+
+#[test]
+fn a_model_without_vq_gets_na_picture_rows() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("eval-no-vq");
+    let _ = std::fs::remove_dir_all(&dir);
+    write_random_model(&dir, &common::tiny_spec()).unwrap();
+    let args = EvalArgs {
+        n: 2,
+        checker_n: 10,
+        vq_n: 4,
+        modes: vec![RoutingMode::SinglePass, RoutingMode::Base],
+        ..EvalArgs::for_model(&dir)
+    };
+    let report = run(&args).unwrap();
+    assert!(report.vq.is_none());
+    let tables = molora::eval::report::markdown(&report);
+    assert!(tables.contains("| image (drawn from held-out captions): colour | n/a |"));
+    assert!(tables.contains("| VQ reconstruction PSNR (dB) | n/a |"));
+    // Text tasks are still posed and scored.
+    assert!(
+        tables.contains("| arithmetic exact match | 0.0% | 2 |"),
+        "{tables}"
+    );
+}
