@@ -79,6 +79,10 @@ pub struct EvalArgs {
     /// renderings, and each mode's first drawings named by their caption.
     #[arg(long)]
     pub save_images: Option<PathBuf>,
+    /// Print the first few prompts of every row with what the model
+    /// produced (stderr), for each mode.
+    #[arg(long)]
+    pub show: bool,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -98,6 +102,7 @@ impl EvalArgs {
             json: false,
             out: None,
             save_images: None,
+            show: false,
             quiet: true,
         }
     }
@@ -153,6 +158,11 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
             "{mode}: {} tokens generated in {:.1} s",
             scores.generated_tokens, scores.wall_s
         ));
+        if args.show {
+            for line in &scores.shown {
+                eprintln!("  [{mode}] {line}");
+            }
+        }
         modes.push(ModeResult {
             mode,
             tasks: scores,

@@ -166,7 +166,14 @@ pub struct TaskScores {
     /// `--save-images`).
     #[serde(skip)]
     pub drawings: Vec<(String, RgbImage)>,
+    /// The first few items of every row as "row: prompt => output [verdict]"
+    /// (for `--show`).
+    #[serde(skip)]
+    pub shown: Vec<String>,
 }
+
+/// Items per row kept for `--show`.
+pub const SHOWN_PER_ROW: usize = 3;
 
 /// Drawings kept per mode for `--save-images`.
 pub const KEPT_DRAWINGS: usize = 8;
@@ -227,10 +234,11 @@ pub fn run_suite(
             }
         }
         let task = item.example.task;
-        let tally = scores
-            .exact
-            .entry(row_key(task, item.split).into())
-            .or_default();
+        let key = row_key(task, item.split);
+        let tally = scores.exact.entry(key.into()).or_default();
+        if tally.1 < SHOWN_PER_ROW {
+            scores.shown.push(show(key, item, &produced, s.exact));
+        }
         tally.0 += s.exact as usize;
         tally.1 += 1;
         if let Some(kind) = item.kind {
@@ -257,4 +265,51 @@ pub fn run_suite(
     }
     scores.wall_s = start.elapsed().as_secs_f64();
     Ok(scores)
+}
+
+/// One item as a line: the prompt's text, what was produced, the verdict.
+fn show(row: &str, item: &Item, produced: &[Produced], exact: bool) -> String {
+    let prompt: Vec<&str> = item
+        .example
+        .prompt
+        .iter()
+        .map(|s| match s {
+            Segment::Text { text, .. } => text.as_str(),
+            Segment::Image(_) => "<image>",
+        })
+        .collect();
+    let output: Vec<String> = produced
+        .iter()
+        .map(|p| match p {
+            Produced::Text(t) => format!("{t:?}"),
+            Produced::Image(img) if img.width() == 0 => "<incomplete image>".into(),
+            Produced::Image(img) => {
+                let seen = crate::train::data::checker::detect(img)
+                    .map(|d| {
+                        let shapes: Vec<String> = d
+                            .shapes
+                            .iter()
+                            .map(|s| {
+                                format!(
+                                    "{} {} {} at {}",
+                                    s.size.name(),
+                                    s.colour.name(),
+                                    s.shape.name(),
+                                    s.position.name()
+                                )
+                            })
+                            .collect();
+                        format!("{} background: {}", d.background.name(), shapes.join(", "))
+                    })
+                    .unwrap_or_else(|e| e.to_string());
+                format!("<image: {seen}>")
+            }
+        })
+        .collect();
+    format!(
+        "{row}: {:?} => {} [{}]",
+        prompt.concat(),
+        output.join(" | "),
+        if exact { "right" } else { "wrong" }
+    )
 }
