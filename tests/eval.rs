@@ -88,6 +88,7 @@ fn eval_command_prints_every_row_for_every_mode() {
         .arg(&out)
         .arg("--save-images")
         .arg(dir.join("pictures"))
+        .arg("--show")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&result.stdout);
@@ -97,6 +98,13 @@ fn eval_command_prints_every_row_for_every_mode() {
         String::from_utf8_lossy(&result.stderr)
     );
     println!("{stdout}");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    for mode in RoutingMode::ALL {
+        assert!(
+            stderr.contains(&format!("  [{mode}] arithmetic: \"what is ")),
+            "{stderr}"
+        );
+    }
     assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
 
     // The row list of a mode, from the report code itself.
