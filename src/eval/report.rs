@@ -411,7 +411,7 @@ pub fn markdown(r: &EvalReport) -> String {
         let domains: Vec<&str> = a.domains.iter().map(|d| d.name()).collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {:.4} | {:.4} | {:.3} | {:.3} | {} |",
             a.adapter,
             domains.join(", "),
             a.baseline,
