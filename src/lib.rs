@@ -10,6 +10,7 @@ pub mod convert_vqgan;
 pub mod dispatch;
 pub mod engine;
 pub mod engine_runner;
+pub mod eval;
 pub mod model;
 pub mod random_model;
 pub mod routing;

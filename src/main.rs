@@ -75,6 +75,10 @@ enum Command {
     },
     /// Train the demo model, one stage or all (`molora train all --out models/demo`).
     Train(molora::train::cli::TrainArgs),
+    /// Measure a model's quality: pictures read back by the pixel checker,
+    /// exact match per text domain and on mixed requests, gate routing
+    /// accuracy, each adapter against base; one table per routing mode.
+    Eval(molora::eval::EvalArgs),
     /// Benchmark routing modes, LoRA overhead and decode speed on random models
     /// of the demo size; prints tables (or JSON lines).
     Bench {
@@ -158,6 +162,7 @@ fn try_main(cli: Cli) -> Result<()> {
             println!("{report}");
             Ok(())
         }
+        Command::Eval(args) => molora::eval::cli(args),
         Command::Bench {
             json,
             quick,

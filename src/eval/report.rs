@@ -1,0 +1,434 @@
+//! The evaluation's results as data ([`EvalReport`], serialisable) and as
+//! markdown tables: one table of mode-independent checks, one of adapters
+//! against base, one per routing mode, and the issue's targets with the
+//! measured numbers.
+//!
+//! Invariant: every mode table has the same rows in the same order; a row
+//! that cannot be measured in a mode (the gate in `base`, pictures without a
+//! VQ model) says `n/a` rather than disappearing.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::image_checks::VqCheck;
+use super::tasks::{mixed_kind_name, TaskScores};
+use super::teacher::{AdapterVsBase, GateTally};
+use crate::routing::mode::RoutingMode;
+use crate::train::data::checker::AttributeTally;
+use crate::train::data::text_domains::MixedKind;
+use crate::train::data::Domain;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    pub mode: RoutingMode,
+    pub tasks: TaskScores,
+    pub gate: Option<GateTally>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub model_dir: String,
+    /// Bytes of every file under the model directory.
+    pub model_bytes: u64,
+    /// Items per generation row (half as many per teacher-forced task).
+    pub n: usize,
+    pub seed: u64,
+    pub image_temperature: f32,
+    pub checker_ground_truth: AttributeTally,
+    pub vq: Option<VqCheck>,
+    pub adapters: Vec<AdapterVsBase>,
+    pub modes: Vec<ModeResult>,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Unit {
+    Percent,
+    Count,
+    Seconds,
+    PerSecond,
+}
+
+/// One line of a table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    pub metric: String,
+    pub value: Option<f64>,
+    /// Items the value is measured over (0: not applicable).
+    pub n: usize,
+    pub unit: Unit,
+    pub target: &'static str,
+}
+
+impl Row {
+    fn rate(metric: impl Into<String>, hits: usize, n: usize, target: &'static str) -> Self {
+        Row {
+            metric: metric.into(),
+            value: (n > 0).then(|| hits as f64 / n as f64),
+            n,
+            unit: Unit::Percent,
+            target,
+        }
+    }
+
+    fn number(metric: &str, value: f64, unit: Unit) -> Self {
+        Row {
+            metric: metric.into(),
+            value: Some(value),
+            n: 0,
+            unit,
+            target: "",
+        }
+    }
+
+    pub fn shown(&self) -> String {
+        match (self.value, self.unit) {
+            (None, _) => "n/a".into(),
+            (Some(v), Unit::Percent) => format!("{:.1}%", 100.0 * v),
+            (Some(v), Unit::Count) => format!("{v:.0}"),
+            (Some(v), Unit::Seconds) => format!("{v:.1} s"),
+            (Some(v), Unit::PerSecond) => format!("{v:.0}/s"),
+        }
+    }
+}
+
+/// The attribute rows of a tally: (attribute, target) pairs in order.
+fn attribute_rows(
+    prefix: &str,
+    tally: &AttributeTally,
+    attributes: &[(&str, &'static str)],
+) -> Vec<Row> {
+    let counts = [
+        ("colour", tally.colour),
+        ("shape", tally.shape),
+        ("size", tally.size),
+        ("position", tally.position),
+        ("count", tally.count),
+        ("background", tally.background),
+        ("all", tally.all),
+    ];
+    attributes
+        .iter()
+        .map(|&(name, target)| {
+            let hits = counts.iter().find(|c| c.0 == name).map_or(0, |c| c.1);
+            Row::rate(format!("{prefix} {name}"), hits, tally.checked, target)
+        })
+        .collect()
+}
+
+const ALL_ATTRIBUTES: [&str; 7] = [
+    "colour",
+    "shape",
+    "size",
+    "position",
+    "count",
+    "background",
+    "all",
+];
+
+/// The rows of one routing mode, always the same list.
+pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
+    let t = &m.tasks;
+    let exact = |task: &str| t.exact.get(task).copied().unwrap_or((0, 0));
+    let draw_targets = |a: &str| match a {
+        "colour" => "≥ 95% (single_pass)",
+        "shape" | "position" => "≥ 85% (single_pass)",
+        _ => "",
+    };
+    let draw: Vec<(&str, &'static str)> = ALL_ATTRIBUTES
+        .iter()
+        .map(|&a| (a, draw_targets(a)))
+        .collect();
+    let mut rows = attribute_rows("image (drawn from held-out captions):", &t.draw, &draw);
+    let unseen: Vec<(&str, &'static str)> = ["colour", "shape", "position", "count", "all"]
+        .iter()
+        .map(|&a| (a, ""))
+        .collect();
+    rows.extend(attribute_rows(
+        "image (unseen colour-shape pairs):",
+        &t.draw_unseen,
+        &unseen,
+    ));
+    let (h, n) = exact("arithmetic");
+    rows.push(Row::rate(
+        "arithmetic exact match",
+        h,
+        n,
+        "≥ 90% (single_pass)",
+    ));
+    let (h, n) = exact("code");
+    rows.push(Row::rate(
+        "code exact match (program output)",
+        h,
+        n,
+        "≥ 85% (single_pass)",
+    ));
+    let (h, n) = exact("caption");
+    rows.push(Row::rate(
+        "captioning exact match (all attributes)",
+        h,
+        n,
+        "≥ 90% (single_pass)",
+    ));
+    let caption: Vec<(&str, &'static str)> = ["colour", "shape", "size", "position", "count"]
+        .iter()
+        .map(|&a| (a, ""))
+        .collect();
+    rows.extend(attribute_rows("captioning:", &t.caption, &caption));
+    let (h, n) = exact("mixed");
+    rows.push(Row::rate(
+        "mixed requests exact match",
+        h,
+        n,
+        "single_pass ≥ per_sequence + 20 points",
+    ));
+    for kind in MixedKind::ALL {
+        let (h, n) = t
+            .mixed
+            .get(mixed_kind_name(kind))
+            .copied()
+            .unwrap_or((0, 0));
+        rows.push(Row::rate(
+            format!("mixed: {}", mixed_kind_name(kind)),
+            h,
+            n,
+            "",
+        ));
+    }
+    let gate = m.gate.clone().unwrap_or_default();
+    rows.push(Row::rate(
+        "gate routing accuracy (top-1, last layer)",
+        gate.correct,
+        gate.total,
+        "≥ 90% (single_pass)",
+    ));
+    for d in [Domain::Arithmetic, Domain::Code, Domain::Caption] {
+        let (h, n) = gate.by_domain.get(&d).copied().unwrap_or((0, 0));
+        rows.push(Row::rate(
+            format!("gate accuracy: {} tokens", d.name()),
+            h,
+            n,
+            "",
+        ));
+    }
+    rows.push(Row::number("failed requests", t.failed as f64, Unit::Count));
+    rows.push(Row::number(
+        "generated tokens",
+        t.generated_tokens as f64,
+        Unit::Count,
+    ));
+    rows.push(Row::number("generation wall time", t.wall_s, Unit::Seconds));
+    rows.push(Row::number(
+        "generated tokens per second",
+        t.generated_tokens as f64 / t.wall_s.max(1e-9),
+        Unit::PerSecond,
+    ));
+    rows
+}
+
+/// Rows that do not depend on the routing mode.
+pub fn pipeline_rows(r: &EvalReport) -> Vec<Row> {
+    let gt: Vec<(&str, &'static str)> = ALL_ATTRIBUTES.iter().map(|&a| (a, "≥ 99%")).collect();
+    let mut rows = attribute_rows(
+        "checker on ground-truth renderings:",
+        &r.checker_ground_truth,
+        &gt,
+    );
+    let plain: Vec<(&str, &'static str)> = ALL_ATTRIBUTES.iter().map(|&a| (a, "")).collect();
+    let vq = r.vq.clone().unwrap_or_default();
+    rows.extend(attribute_rows(
+        "checker on VQ reconstructions:",
+        &vq.checker,
+        &plain,
+    ));
+    rows.push(Row {
+        metric: "VQ reconstruction PSNR (dB)".into(),
+        value: r.vq.as_ref().map(|v| v.psnr_db),
+        n: vq.images,
+        unit: Unit::Count,
+        target: "",
+    });
+    rows.push(Row {
+        metric: "model directory size (MB)".into(),
+        value: Some(r.model_bytes as f64 / 1e6),
+        n: 0,
+        unit: Unit::Count,
+        target: "≤ 60 MB",
+    });
+    rows
+}
+
+fn table(out: &mut String, rows: &[Row]) {
+    out.push_str("| metric | value | n | target |\n| --- | ---: | ---: | --- |\n");
+    for r in rows {
+        let value = match (
+            r.metric.contains("PSNR") || r.metric.contains("MB"),
+            r.value,
+        ) {
+            (true, Some(v)) => format!("{v:.1}"),
+            _ => r.shown(),
+        };
+        let n = if r.n > 0 {
+            r.n.to_string()
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "| {} | {value} | {n} | {} |", r.metric, r.target);
+    }
+}
+
+/// One issue target, measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TargetCheck {
+    pub target: String,
+    pub measured: String,
+    /// `None` when it could not be measured (a mode not run, no VQ model).
+    pub met: Option<bool>,
+}
+
+fn find<'a>(rows: &'a [Row], metric: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.metric == metric)
+}
+
+/// The issue's quality targets against this report.
+pub fn targets(r: &EvalReport) -> Vec<TargetCheck> {
+    let rows_of = |mode: RoutingMode| r.modes.iter().find(|m| m.mode == mode).map(mode_rows);
+    let single = rows_of(RoutingMode::SinglePass).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut at_least = |target: &str, metric: &str, rows: &[Row], min: f64| {
+        let v = find(rows, metric).and_then(|row| row.value);
+        out.push(TargetCheck {
+            target: format!("{target} ≥ {:.0}%", 100.0 * min),
+            measured: v.map_or("n/a".into(), |v| format!("{:.1}%", 100.0 * v)),
+            met: v.map(|v| v >= min),
+        });
+    };
+    let pipeline = pipeline_rows(r);
+    at_least(
+        "checker on ground truth, every attribute",
+        "checker on ground-truth renderings: all",
+        &pipeline,
+        0.99,
+    );
+    let img = "image (drawn from held-out captions):";
+    at_least("image colour", &format!("{img} colour"), &single, 0.95);
+    at_least("image shape", &format!("{img} shape"), &single, 0.85);
+    at_least("image position", &format!("{img} position"), &single, 0.85);
+    at_least(
+        "arithmetic exact match",
+        "arithmetic exact match",
+        &single,
+        0.90,
+    );
+    at_least(
+        "code exact match",
+        "code exact match (program output)",
+        &single,
+        0.85,
+    );
+    at_least(
+        "captioning attributes (all right)",
+        "captioning exact match (all attributes)",
+        &single,
+        0.90,
+    );
+    at_least(
+        "gate routing accuracy",
+        "gate routing accuracy (top-1, last layer)",
+        &single,
+        0.90,
+    );
+    let mixed = |rows: Option<Vec<Row>>| {
+        rows.and_then(|rows| find(&rows, "mixed requests exact match").and_then(|r| r.value))
+    };
+    let (s, p) = (
+        mixed(Some(single.clone())),
+        mixed(rows_of(RoutingMode::PerSequence)),
+    );
+    out.push(TargetCheck {
+        target: "mixed requests: single_pass ≥ per_sequence + 20 points".into(),
+        measured: match (s, p) {
+            (Some(s), Some(p)) => format!(
+                "{:.1}% vs {:.1}% ({:+.1} points)",
+                100.0 * s,
+                100.0 * p,
+                100.0 * (s - p)
+            ),
+            _ => "n/a".into(),
+        },
+        met: s.zip(p).map(|(s, p)| s - p >= 0.20),
+    });
+    let beaten: Vec<String> = r
+        .adapters
+        .iter()
+        .filter(|a| !a.beats_base())
+        .map(|a| a.adapter.clone())
+        .collect();
+    out.push(TargetCheck {
+        target: "every adapter beats base on its own domain".into(),
+        measured: if beaten.is_empty() {
+            format!("{} of {} beat base", r.adapters.len(), r.adapters.len())
+        } else {
+            format!("not beating base: {}", beaten.join(", "))
+        },
+        met: (!r.adapters.is_empty()).then_some(beaten.is_empty()),
+    });
+    let mb = r.model_bytes as f64 / 1e6;
+    out.push(TargetCheck {
+        target: "model directory ≤ 60 MB".into(),
+        measured: format!("{mb:.1} MB"),
+        met: Some(mb <= 60.0),
+    });
+    out
+}
+
+/// Every table, in markdown.
+pub fn markdown(r: &EvalReport) -> String {
+    let mut out = String::new();
+    out.push_str("### Targets\n\n| target | measured | met |\n| --- | --- | --- |\n");
+    for t in targets(r) {
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "n/a",
+        };
+        let _ = writeln!(out, "| {} | {} | {met} |", t.target, t.measured);
+    }
+    out.push_str("\n### Image pipeline (all modes)\n\n");
+    table(&mut out, &pipeline_rows(r));
+    out.push_str(
+        "\n### Each adapter against base on its own domain\n\n\
+         Mean next-token loss (nats) over held-out answer tokens of the adapter's \
+         domains, with the adapter off and on where it is served: a modality \
+         adapter on the rows of its modality, over the base; a semantic adapter \
+         as the gate's only expert (every text row), over the base with the \
+         modality adapters it was trained on top of.\n\n\
+         | adapter | domains | off = | tokens | loss off | loss on | ppl off | ppl on | better on |\n\
+         | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
+    );
+    for a in &r.adapters {
+        let domains: Vec<&str> = a.domains.iter().map(|d| d.name()).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.4} | {:.4} | {:.3} | {:.3} | {} |",
+            a.adapter,
+            domains.join(", "),
+            a.baseline,
+            a.tokens,
+            a.base_loss,
+            a.adapter_loss,
+            a.base_loss.exp(),
+            a.adapter_loss.exp(),
+            if a.beats_base() { "yes" } else { "**no**" }
+        );
+    }
+    for m in &r.modes {
+        let _ = write!(out, "\n### Routing mode `{}`\n\n", m.mode);
+        table(&mut out, &mode_rows(m));
+        if let Some(e) = &m.tasks.first_failure {
+            let _ = writeln!(out, "\nFirst failed request: {e}");
+        }
+    }
+    out
+}

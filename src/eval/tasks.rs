@@ -1,0 +1,315 @@
+//! The generation rows of the evaluation: held-out prompts of every task
+//! (drawing from captions, arithmetic, code, captioning, mixed requests),
+//! generated in one routing mode and scored by the world's own scorer
+//! ([`crate::train::data::scoring`]).
+//!
+//! Invariants:
+//! - the suite is built once from the seed and shared by every mode, so the
+//!   modes are compared on the very same prompts;
+//! - every item is held out: [`Split::Test`] scenes and expressions, plus
+//!   one row of drawings whose colour-shape pairs training never saw
+//!   ([`Split::HeldOutPairs`]);
+//! - `per_sequence` forces what a per-sequence server picks for the whole
+//!   request: the adapters of the domain of the answer's first part (the
+//!   image adapter for a picture; the text adapter plus that domain's
+//!   semantic adapter for text). The other part of a mixed request goes
+//!   without its adapter, which is the cost that mode shows.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::generation::{generate, produced, Decoding, GenRequest};
+use super::model::EvalModel;
+use crate::engine::{AdapterRequest, EngineHandle};
+use crate::routing::mode::RoutingMode;
+use crate::train::data::checker::AttributeTally;
+use crate::train::data::scoring::{score, Produced};
+use crate::train::data::text_domains::{sample, sample_mixed_kind, MixedKind};
+use crate::train::data::{Check, Domain, Scene, Segment, Split, Task, TextExample};
+use image::RgbImage;
+
+/// Tokens a text answer may run past its gold length.
+const TEXT_SLACK: usize = 8;
+
+pub fn mixed_kind_name(kind: MixedKind) -> &'static str {
+    match kind {
+        MixedKind::CodeAndResult => "code and result",
+        MixedKind::DrawAndSides => "draw and sides",
+        MixedKind::DrawAndCompute => "draw and compute",
+        MixedKind::DescribeAndCompute => "describe and compute",
+    }
+}
+
+/// One held-out prompt and what it needs.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub example: TextExample,
+    /// The mixed kind, for mixed requests.
+    pub kind: Option<MixedKind>,
+    /// [`Split::Test`], or [`Split::HeldOutPairs`] for the drawings of
+    /// colour-shape pairs never seen in training.
+    pub split: Split,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    /// The adapters `per_sequence` forces on this request.
+    pub forced: Vec<String>,
+}
+
+/// The prompts every mode is run on.
+pub struct Suite {
+    pub items: Vec<Item>,
+}
+
+/// Which tasks can be posed to this model: picture tasks need a VQ model.
+pub fn tasks_for(model: &EvalModel) -> Vec<Task> {
+    Task::ALL
+        .into_iter()
+        .filter(|t| model.vq.is_some() || matches!(t, Task::Arithmetic | Task::Code))
+        .collect()
+}
+
+/// The row key of an item's exact-match tally.
+pub fn row_key(task: Task, split: Split) -> &'static str {
+    match (task, split) {
+        (Task::Draw, Split::HeldOutPairs) => UNSEEN_PAIRS,
+        _ => task.name(),
+    }
+}
+
+/// Drawings of held-out colour-shape pairs.
+pub const UNSEEN_PAIRS: &str = "draw (unseen pairs)";
+
+/// `n` held-out items per task (mixed kinds in turn), plus `n` drawings of
+/// unseen colour-shape pairs; deterministic from `seed`.
+pub fn build_suite(model: &EvalModel, n: usize, seed: u64) -> Result<Suite> {
+    let enc = model.encoder();
+    let mut rows: Vec<(Task, Split)> = tasks_for(model)
+        .into_iter()
+        .map(|t| (t, Split::Test))
+        .collect();
+    if rows.iter().any(|r| r.0 == Task::Draw) {
+        rows.push((Task::Draw, Split::HeldOutPairs));
+    }
+    let tpi = model.tokens_per_image();
+    let mut items = Vec::with_capacity(n * rows.len());
+    for (task, split) in rows {
+        let stream = task as u64 + 16 * (split == Split::HeldOutPairs) as u64;
+        let mut rng = StdRng::seed_from_u64(seed ^ (0xe7a1_0000 + stream));
+        for i in 0..n {
+            let (example, kind) = match task {
+                Task::Mixed => {
+                    let kind = MixedKind::ALL[i % MixedKind::ALL.len()];
+                    (sample_mixed_kind(&mut rng, kind, split), Some(kind))
+                }
+                _ => (sample(&mut rng, task, split), None),
+            };
+            let prompt = enc.encode_prompt(&example, &mut |s: &Scene| model.scene_codes(s))?;
+            // Only the length of the gold answer matters here.
+            let full = enc.encode_example(&example, &mut |_: &Scene| Ok(vec![0u32; tpi]))?;
+            let answer_len = full.len() - prompt.len();
+            let forced = per_sequence_adapters(model, &example);
+            items.push(Item {
+                example,
+                kind,
+                split,
+                prompt: prompt.ids,
+                max_tokens: answer_len + TEXT_SLACK,
+                forced,
+            });
+        }
+    }
+    Ok(Suite { items })
+}
+
+/// The adapter set a per-sequence server would route the whole request to
+/// (empty when the model has none for it).
+pub fn per_sequence_adapters(model: &EvalModel, example: &TextExample) -> Vec<String> {
+    let first = example
+        .answer
+        .first()
+        .map(|p| p.segment.domain())
+        .unwrap_or(Domain::Caption);
+    let mut names = Vec::new();
+    if first == Domain::Image {
+        names.extend(model.modality_adapter("image").map(|a| a.name.clone()));
+    } else {
+        names.extend(model.modality_adapter("text").map(|a| a.name.clone()));
+        names.extend(model.semantic_adapter(first).map(|a| a.name.clone()));
+    }
+    names
+}
+
+/// Scores of one mode over the suite.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TaskScores {
+    /// Attributes read from the pixels of drawn pictures.
+    pub draw: AttributeTally,
+    /// The same for drawings of colour-shape pairs never seen in training.
+    pub draw_unseen: AttributeTally,
+    /// Attributes read from the words of produced captions.
+    pub caption: AttributeTally,
+    /// (exactly right, posed) per task.
+    pub exact: BTreeMap<String, (usize, usize)>,
+    /// (exactly right, posed) per mixed kind.
+    pub mixed: BTreeMap<String, (usize, usize)>,
+    /// Requests the engine refused or failed, and the first reason.
+    pub failed: usize,
+    pub first_failure: Option<String>,
+    pub generated_tokens: usize,
+    pub wall_s: f64,
+    /// The first few drawings with the caption they were asked for (for
+    /// `--save-images`).
+    #[serde(skip)]
+    pub drawings: Vec<(String, RgbImage)>,
+    /// The first few items of every row as "row: prompt => output [verdict]"
+    /// (for `--show`).
+    #[serde(skip)]
+    pub shown: Vec<String>,
+}
+
+/// Items per row kept for `--show`.
+pub const SHOWN_PER_ROW: usize = 3;
+
+/// Drawings kept per mode for `--save-images`.
+pub const KEPT_DRAWINGS: usize = 8;
+
+/// Generates every item of the suite in `mode` and scores it.
+pub fn run_suite(
+    model: &EvalModel,
+    engine: &EngineHandle,
+    suite: &Suite,
+    mode: RoutingMode,
+    decoding: Decoding,
+) -> Result<TaskScores> {
+    let start = Instant::now();
+    if mode == RoutingMode::PerSequence {
+        if let Some(item) = suite.items.iter().find(|i| i.forced.is_empty()) {
+            bail!(
+                "per_sequence needs an adapter for {} answers, but the model has none; \
+                 leave per_sequence out of --modes",
+                item.example
+                    .answer
+                    .first()
+                    .map_or("empty", |p| p.segment.domain().name())
+            );
+        }
+    }
+    let requests: Vec<GenRequest> = suite
+        .items
+        .iter()
+        .map(|item| GenRequest {
+            prompt: item.prompt.clone(),
+            adapters: match mode {
+                RoutingMode::PerSequence => AdapterRequest {
+                    forced: item.forced.clone(),
+                    ..AdapterRequest::default()
+                },
+                _ => AdapterRequest::default(),
+            },
+            max_tokens: item.max_tokens,
+        })
+        .collect();
+    let outputs = generate(engine, &requests, mode, decoding)?;
+    let mut scores = TaskScores::default();
+    for (item, output) in suite.items.iter().zip(outputs) {
+        let ids = output.unwrap_or_else(|e| {
+            scores.failed += 1;
+            scores.first_failure.get_or_insert(e);
+            Vec::new()
+        });
+        scores.generated_tokens += ids.len();
+        let produced = produced(model, &ids)?;
+        let s = score(&item.example, &produced);
+        if item.example.task == Task::Draw && scores.drawings.len() < KEPT_DRAWINGS {
+            if let (Some(Produced::Image(img)), Some(Check::Image(scene))) = (
+                produced.first(),
+                item.example.answer.first().map(|a| &a.check),
+            ) {
+                scores.drawings.push((scene.caption(), img.clone()));
+            }
+        }
+        let task = item.example.task;
+        let key = row_key(task, item.split);
+        let tally = scores.exact.entry(key.into()).or_default();
+        if tally.1 < SHOWN_PER_ROW {
+            scores.shown.push(show(key, item, &produced, s.exact));
+        }
+        tally.0 += s.exact as usize;
+        tally.1 += 1;
+        if let Some(kind) = item.kind {
+            let tally = scores
+                .mixed
+                .entry(mixed_kind_name(kind).into())
+                .or_default();
+            tally.0 += s.exact as usize;
+            tally.1 += 1;
+        }
+        for (part, gold) in s.parts.iter().zip(&item.example.answer) {
+            let Some(attributes) = &part.attributes else {
+                continue;
+            };
+            match (task, &gold.segment) {
+                (Task::Draw, Segment::Image(_)) if item.split == Split::HeldOutPairs => {
+                    scores.draw_unseen.add(attributes)
+                }
+                (Task::Draw, Segment::Image(_)) => scores.draw.add(attributes),
+                (Task::Caption, Segment::Text { .. }) => scores.caption.add(attributes),
+                _ => {}
+            }
+        }
+    }
+    scores.wall_s = start.elapsed().as_secs_f64();
+    Ok(scores)
+}
+
+/// One item as a line: the prompt's text, what was produced, the verdict.
+fn show(row: &str, item: &Item, produced: &[Produced], exact: bool) -> String {
+    let prompt: Vec<&str> = item
+        .example
+        .prompt
+        .iter()
+        .map(|s| match s {
+            Segment::Text { text, .. } => text.as_str(),
+            Segment::Image(_) => "<image>",
+        })
+        .collect();
+    let output: Vec<String> = produced
+        .iter()
+        .map(|p| match p {
+            Produced::Text(t) => format!("{t:?}"),
+            Produced::Image(img) if img.width() == 0 => "<incomplete image>".into(),
+            Produced::Image(img) => {
+                let seen = crate::train::data::checker::detect(img)
+                    .map(|d| {
+                        let shapes: Vec<String> = d
+                            .shapes
+                            .iter()
+                            .map(|s| {
+                                format!(
+                                    "{} {} {} at {}",
+                                    s.size.name(),
+                                    s.colour.name(),
+                                    s.shape.name(),
+                                    s.position.name()
+                                )
+                            })
+                            .collect();
+                        format!("{} background: {}", d.background.name(), shapes.join(", "))
+                    })
+                    .unwrap_or_else(|e| e.to_string());
+                format!("<image: {seen}>")
+            }
+        })
+        .collect();
+    format!(
+        "{row}: {:?} => {} [{}]",
+        prompt.concat(),
+        output.join(" | "),
+        if exact { "right" } else { "wrong" }
+    )
+}
