@@ -19,7 +19,7 @@ use molora::eval::teacher::{gate_accuracy, held_out_sequences};
 use molora::eval::{generation, run, EvalArgs};
 use molora::model::config::Config;
 use molora::model::vq::{VqConfig, VqModel};
-use molora::random_model::write_random_model;
+use molora::random_model::{write_random_model, RandomModelSpec};
 use molora::routing::gate::{Gate, GateConfig};
 use molora::routing::mode::RoutingMode;
 use molora::train::data::scoring::score;
@@ -332,7 +332,11 @@ fn write_demo_size_random_model() {
 fn a_model_without_vq_gets_na_picture_rows() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("eval-no-vq");
     let _ = std::fs::remove_dir_all(&dir);
-    write_random_model(&dir, &common::tiny_spec()).unwrap();
+    let spec = RandomModelSpec {
+        with_vq: false,
+        ..common::tiny_spec()
+    };
+    write_random_model(&dir, &spec).unwrap();
     let args = EvalArgs {
         n: 2,
         checker_n: 10,
