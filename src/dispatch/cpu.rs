@@ -201,16 +201,11 @@ fn base_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32
         }
         None => false,
     };
-    let f32_product = |x: &[f32], w: &[f32], y: &mut [f32]| {
-        gemm_nt(
-            Rows::new(x, n, d_in, d_in),
-            Rows::new(w, d_out, d_in, d_in),
-            y,
-            d_out,
-            accumulate,
-            &mut Vec::new(),
-        )
+    let product = |x: &[f32], w: &[f32], y: &mut [f32], accumulate: bool| {
+        let (x, w) = (Rows::new(x, n, d_in, d_in), Rows::new(w, d_out, d_in, d_in));
+        gemm_nt(x, w, y, d_out, accumulate, &mut Vec::new())
     };
+    let x = x_read.slice()?;
     if w.dtype() == DType::F16 {
         let (storage, layout) = w.storage_and_layout();
         let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
@@ -218,30 +213,12 @@ fn base_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32
             bail!("linear: f16 weights must be contiguous on the CPU");
         };
         let w16 = &cpu.as_slice::<half::f16>()?[start..end];
-        half_weights::product(
-            x_read.slice()?,
-            n,
-            d_in,
-            w16,
-            d_out,
-            &mut y,
-            accumulate,
-            |x, w, y| {
-                // The widened product accumulates onto what `product` prepared.
-                gemm_nt(
-                    Rows::new(x, n, d_in, d_in),
-                    Rows::new(w, d_out, d_in, d_in),
-                    y,
-                    d_out,
-                    true,
-                    &mut Vec::new(),
-                )
-            },
-        );
-        return Ok(y);
+        // The widened product accumulates onto what `product` prepared.
+        let widened = |x: &[f32], w: &[f32], y: &mut [f32]| product(x, w, y, true);
+        half_weights::product(x, n, d_in, w16, d_out, &mut y, accumulate, widened);
+    } else {
+        product(x, F32Read::new(&w)?.slice()?, &mut y, accumulate);
     }
-    let w_read = F32Read::new(&w)?;
-    f32_product(x_read.slice()?, w_read.slice()?, &mut y);
     Ok(y)
 }
 
