@@ -98,6 +98,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    molora::dispatch::threading::pin_candle_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -90,6 +90,22 @@ pub fn threads_for(m: usize, n: usize, k: usize) -> usize {
     (macs / MIN_MACS_PER_THREAD).clamp(1, rayon::current_num_threads().max(1))
 }
 
+/// Makes candle's thread count a constant of the process: call once at the
+/// start of `main`, before any other thread exists.
+///
+/// Why: candle 0.11 asks `get_num_threads()` on every CPU matmul, and unless
+/// `RAYON_NUM_THREADS` is set that re-reads and parses `/proc/cpuinfo`
+/// (`num_cpus::get_physical`) each time: ~10% of the engine thread under
+/// load (the VQ decoder's convolutions are many small matmuls). Setting the
+/// variable to the value candle computes once keeps every thread count as it
+/// was (rayon's global pool reads the same variable).
+pub fn pin_candle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// The gemm setting for a thread count.
 pub fn parallelism(threads: usize) -> Parallelism {
     if threads <= 1 {

@@ -27,6 +27,7 @@ use tokenizers::Tokenizer;
 
 use super::admin::model_info;
 use super::cache_pool::CachePool;
+use super::render::{Outbox, Renderer};
 use super::handle::{EngineConfig, EngineHandle, EngineStats, Message, Shared};
 use super::scheduler::{plan_step, release, resolve_adapters, Admission, Entry, Pending, Queue};
 use super::sequence::{NewSequence, Prepared, Progress, Resolved, Sequence, TokenContext, Twin};
@@ -43,6 +44,8 @@ pub struct Engine {
     pub(super) runner: ModelRunner,
     tokenizer: Arc<Tokenizer>,
     pub(super) vq: Option<VqModel>,
+    /// Renders pictures off this thread (present when `vq` is).
+    renderer: Option<Renderer>,
     cfg: EngineConfig,
     pub(super) shared: Arc<Shared>,
     rx: mpsc::Receiver<Message>,
@@ -78,10 +81,14 @@ impl Engine {
         cfg.max_batch_size = cfg.max_batch_size.max(1);
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::new(cfg, model_info(&runner, vq.is_some())));
+        let renderer = vq
+            .clone()
+            .and_then(|vq| Renderer::start(vq, runner.vocab.image_grid));
         let engine = Engine {
             runner,
             tokenizer: Arc::new(tokenizer),
             vq,
+            renderer,
             cfg,
             shared: shared.clone(),
             rx,
@@ -153,6 +160,9 @@ impl Engine {
         while i < self.running.len() {
             if self.running[i].is_abandoned() {
                 let seq = self.running.remove(i);
+                if seq.render_failed() {
+                    self.stats.requests_failed += 1;
+                }
                 self.retire(&seq);
             } else {
                 i += 1;
@@ -222,7 +232,7 @@ impl Engine {
         };
         let new = NewSequence {
             id: entry.id,
-            events: entry.events.clone(),
+            events: Outbox::new(entry.events.clone(), self.renderer.as_ref()),
             params: entry.req.params.clone(),
             mode: entry.req.mode,
             preview_every: entry.req.preview_every,

@@ -19,6 +19,7 @@ pub mod handle;
 pub mod images;
 pub mod modality;
 pub mod params;
+pub mod render;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

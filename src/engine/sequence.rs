@@ -21,12 +21,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc::UnboundedSender;
-
 use super::detok::Detokenizer;
-use super::images;
 use super::modality::ModalityState;
 use super::params::GenerationParams;
+use super::render::{Outbox, Picture};
 use super::sampler::{choose_next, Sampler};
 use super::types::{Completion, FinishReason, InferEvent, RoutingStats, Usage};
 use crate::adapters::{SlotId, NULL_SLOT};
@@ -71,7 +69,7 @@ pub enum Progress {
 
 pub struct Sequence {
     pub id: u64,
-    events: UnboundedSender<InferEvent>,
+    events: Outbox,
     pub params: GenerationParams,
     pub mode: RoutingMode,
     preview_every: Option<usize>,
@@ -102,7 +100,8 @@ pub struct Prepared {
 /// A new sequence's request fields.
 pub struct NewSequence {
     pub id: u64,
-    pub events: UnboundedSender<InferEvent>,
+    /// The client's event channel, behind the render thread when there is one.
+    pub events: Outbox,
     pub params: GenerationParams,
     pub mode: RoutingMode,
     pub preview_every: Option<usize>,
@@ -189,9 +188,15 @@ impl Sequence {
         }
     }
 
-    /// Whether the client stopped listening.
+    /// Whether the client stopped listening, or a picture failed to render
+    /// on the render thread (which sent the request's Error event).
     pub fn is_abandoned(&self) -> bool {
         self.events.is_closed()
+    }
+
+    /// Whether the request ended with a render failure (see [`Self::is_abandoned`]).
+    pub fn render_failed(&self) -> bool {
+        self.events.render_failed()
     }
 
     pub fn set_queue_time(&mut self, admitted: Instant) {
@@ -321,16 +326,9 @@ impl Sequence {
             let done = self.image_codes.len();
             if let Some(n) = self.preview_every {
                 if done.is_multiple_of(n) && done < vocab.tokens_per_image {
-                    let p = images::render_preview(ctx.vq, &self.image_codes, vocab.image_grid)
-                        .map_err(|e| format!("image {} preview: {e:#}", self.usage.images))?;
                     let index = self.usage.images;
-                    self.send(InferEvent::ImagePreview {
-                        index,
-                        codes_done: done,
-                        png: p.png,
-                        width: p.width,
-                        height: p.height,
-                    });
+                    let codes = self.image_codes.clone();
+                    self.send_picture(Picture::Preview { index, codes }, ctx)?;
                 }
             }
             return Ok(());
@@ -339,20 +337,22 @@ impl Sequence {
         if Some(token) == vocab.eoi && self.image_codes.len() == vocab.tokens_per_image {
             let codes = std::mem::take(&mut self.image_codes);
             let index = self.usage.images;
-            let p = images::render(ctx.vq, &codes, vocab.image_grid)
-                .map_err(|e| format!("image {index}: {e:#}"))?;
             self.usage.images += 1;
-            self.send(InferEvent::Image {
-                index,
-                png: p.png,
-                width: p.width,
-                height: p.height,
-            });
+            self.send_picture(Picture::Finished { index, codes }, ctx)?;
         }
         match self.detok.push(token) {
             Ok(Some(delta)) => self.send(InferEvent::TextDelta(delta)),
             Ok(None) => {}
             Err(e) => return Err(format!("{e:#}")),
+        }
+        Ok(())
+    }
+
+    /// Streams a picture: rendered on the render thread when there is one
+    /// (its event follows every event sent before it), else here.
+    fn send_picture(&self, picture: Picture, ctx: &TokenContext<'_>) -> Result<(), String> {
+        if let Err(picture) = self.events.render(picture) {
+            self.send(picture.render(ctx.vq, ctx.vocab.image_grid)?);
         }
         Ok(())
     }
@@ -380,7 +380,7 @@ impl Sequence {
 
     /// A closed receiver is noticed at the next step ([`Self::is_abandoned`]).
     fn send(&self, event: InferEvent) {
-        let _ = self.events.send(event);
+        self.events.send(event);
     }
 }
 

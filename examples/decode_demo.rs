@@ -1,0 +1,280 @@
+//! Batch-1 decode speed of a real model directory (default: the shipped
+//! `models/demo`), next to its floor.
+//!
+//! ```text
+//! cargo run --release --example decode_demo -- [MODEL_DIR] [--weights f16|f32] [--context 144] [--rounds 5]
+//! ```
+//!
+//! One sequence, teacher-forced through a fixed interleaved token stream (16
+//! text ids, then an image block of `tokens_per_image` codes, repeated) so
+//! that every run does the same work; every step is one forward of one new
+//! token, its logits and an argmax, as a served greedy decode does. Rows:
+//! - `base`: no adapters (the decoder alone);
+//! - `routed`: single_pass with what a request that names no adapters gets
+//!   (its modality's adapter on every token, the gate's picks on text tokens),
+//!   through the engine's model runner.
+//!
+//! Rounds alternate the rows; each prints wall tokens/s and tokens per CPU
+//! second of this process (the figure that does not depend on other load as
+//! long as the decode stays on one thread). The floor is
+//! max(weight and cache bytes / bandwidth, FLOPs / matmul rate) with the
+//! bandwidth and rate measured here on one core.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use molora::adapters::hot_set::HotSetConfig;
+use molora::engine_runner::{ModelRunner, SeqStep};
+use molora::model::decoder::BatchInput;
+use molora::routing::mode::RoutingMode;
+
+/// CPU seconds this process has used (all threads), from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Args {
+    model: PathBuf,
+    weights: DType,
+    context: usize,
+    rounds: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        model: PathBuf::from("models/demo"),
+        weights: DType::F16,
+        context: 144,
+        rounds: 5,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--weights" => {
+                args.weights = match value("--weights")?.as_str() {
+                    "f16" => DType::F16,
+                    "f32" => DType::F32,
+                    other => anyhow::bail!("--weights {other}: expected f16 or f32"),
+                }
+            }
+            "--context" => args.context = value("--context")?.parse()?,
+            "--rounds" => args.rounds = value("--rounds")?.parse()?,
+            dir => args.model = PathBuf::from(dir),
+        }
+    }
+    anyhow::ensure!(args.context >= 2, "--context must be at least 2");
+    Ok(args)
+}
+
+/// 16 text ids, then one image block, repeated, `len` tokens in all.
+fn token_stream(runner: &ModelRunner, len: usize) -> Vec<u32> {
+    let vocab = &runner.vocab;
+    let text = vocab.text_range();
+    let image = vocab.image_range();
+    let per_image = vocab.tokens_per_image.max(1);
+    let mut out = Vec::with_capacity(len);
+    let mut i = 0u32;
+    while out.len() < len {
+        for _ in 0..16 {
+            out.push(text.start + (i * 7 + 3) % (text.end - text.start));
+            i += 1;
+        }
+        if !image.is_empty() {
+            for _ in 0..per_image {
+                out.push(image.start + (i * 13 + 5) % (image.end - image.start));
+                i += 1;
+            }
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Seconds (wall, CPU) for decoding `tokens[1..]` one at a time after
+/// `tokens[0]`, with or without the routed adapters.
+fn decode(runner: &mut ModelRunner, tokens: &[u32], routed: bool) -> Result<(f64, f64)> {
+    let selection = runner.default_selection()?;
+    let mode = if routed {
+        RoutingMode::SinglePass
+    } else {
+        RoutingMode::Base
+    };
+    let mut pool = vec![runner.new_cache()?];
+    let mut last = 0u32;
+    let (start, cpu0) = (Instant::now(), cpu_seconds());
+    for t in tokens {
+        let hidden = if routed {
+            let step = SeqStep {
+                tokens: std::slice::from_ref(t),
+                mode,
+                adapters: &selection,
+                caches: &[0],
+            };
+            runner.forward(&[step], &mut pool)?.hidden
+        } else {
+            let mut batch = BatchInput::default();
+            batch.push(0, std::slice::from_ref(t));
+            runner.decoder.forward(&batch, &mut pool, None)?
+        };
+        let logits: Vec<f32> = runner.decoder.logits(&hidden)?.flatten_all()?.to_vec1()?;
+        last = molora::engine::sampler::argmax(&logits).unwrap_or(0);
+    }
+    let out = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+    std::hint::black_box(last);
+    Ok(out)
+}
+
+/// One core's streaming read bandwidth (bytes/s) over a buffer of `bytes`.
+fn read_bandwidth(bytes: usize) -> f64 {
+    let data = vec![1f32; bytes / 4];
+    let mut best = f64::INFINITY;
+    let mut sink = 0f32;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let s: f32 = data.chunks(16).map(|c| c.iter().sum::<f32>()).sum();
+        sink += s;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    bytes as f64 / best
+}
+
+/// FLOP/s of the projections' own kernel at batch 1 (1 x 1408 x 256, the
+/// MLP's gate/up shape), f16 or f32 weights, best of many.
+fn gemv_rate(dtype: DType) -> Result<f64> {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.05, (1408, 256), &dev)?.to_dtype(dtype)?;
+    let x = Tensor::randn(0f32, 1.0, (1, 256), &dev)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..2000 {
+        let t = Instant::now();
+        std::hint::black_box(molora::dispatch::linear(&x, &w, None)?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 1408.0 * 256.0 / best)
+}
+
+/// What one picture costs the engine: the VQ decode of a full grid of codes
+/// (a streamed image also decodes a preview every `preview_every` codes).
+fn vq_decode_time(model: &std::path::Path, cfg: &molora::model::config::Config) -> Result<()> {
+    let Some(vq) = molora::server::load_vq(model, cfg, &Device::Cpu)? else {
+        return Ok(());
+    };
+    let codes: Vec<u32> = (0..runner_cells(cfg)).map(|i| (i * 37 % 500) as u32).collect();
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        std::hint::black_box(vq.decode_to_rgb(&codes)?);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "VQ decode of one picture ({} codes): median {:.2} ms, best {:.2} ms",
+        codes.len(),
+        times[times.len() / 2],
+        times[0]
+    );
+    Ok(())
+}
+
+fn runner_cells(cfg: &molora::model::config::Config) -> usize {
+    cfg.vocab().map(|v| v.tokens_per_image).unwrap_or(64)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let hot = HotSetConfig {
+        capacity: 8,
+        max_rank: 16,
+    };
+    let adapter_dir = args.model.join("adapters");
+    let (mut runner, refused) = ModelRunner::load(&args.model, &adapter_dir, hot, &Device::Cpu)?;
+    anyhow::ensure!(refused.is_empty(), "adapters refused: {refused:?}");
+    runner.decoder.set_weight_dtype(args.weights)?;
+    let cfg = runner.decoder.config().clone();
+    let tokens = token_stream(&runner, args.context);
+
+    // The floor: every projection weight and the cached keys and values are
+    // read once per token; two FLOPs per weight.
+    let (d, i, v, l) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.num_hidden_layers,
+    );
+    let kv = cfg.num_kv_heads() * cfg.head_dim();
+    let weights = l * (d * (d + 2 * kv) + d * d + 2 * i * d + i * d) + v * d;
+    let wbytes = weights * args.weights.size_in_bytes();
+    let mean_ctx = args.context / 2;
+    let cache_bytes = l * 2 * kv * 4 * mean_ctx;
+    let flops = 2 * weights + l * 4 * d * mean_ctx;
+    let bandwidth = read_bandwidth(wbytes + cache_bytes);
+    let rate = gemv_rate(args.weights)?;
+    let floor_s = ((wbytes + cache_bytes) as f64 / bandwidth).max(flops as f64 / rate);
+    println!(
+        "{}: d={d} layers={l} inter={i} vocab={v}; {weights} projection weights in {:?} = {:.2} MB, \
+         KV cache read {:.2} MB/token at mean context {mean_ctx}, {:.1} MFLOP/token",
+        args.model.display(),
+        args.weights,
+        wbytes as f64 / 1e6,
+        cache_bytes as f64 / 1e6,
+        flops as f64 / 1e6
+    );
+    println!(
+        "one core: read {:.1} GB/s over {:.1} MB, batch-1 projection kernel {:.1} GFLOP/s \
+         -> floor {:.0} tokens/s ({:.3} ms/token)",
+        bandwidth / 1e9,
+        (wbytes + cache_bytes) as f64 / 1e6,
+        rate / 1e9,
+        1.0 / floor_s,
+        floor_s * 1e3
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "decode {} tokens one at a time; load average {}",
+        args.context,
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "{:<6} {:<7} {:>9} {:>9} {:>10}",
+        "round", "row", "ms/token", "tokens/s", "tok/cpu-s"
+    );
+    decode(&mut runner, &tokens[..16.min(tokens.len())], true)?; // warm-up
+    let mut best = [(0f64, 0f64); 2];
+    for round in 0..args.rounds {
+        for (r, routed) in [false, true].into_iter().enumerate() {
+            let (wall, cpu) = decode(&mut runner, &tokens, routed)?;
+            let n = tokens.len() as f64;
+            let (tps, tpc) = (n / wall, n / cpu.max(1e-9));
+            best[r] = (best[r].0.max(tps), best[r].1.max(tpc));
+            println!(
+                "{:<6} {:<7} {:>9.3} {:>9.0} {:>10.0}",
+                round,
+                if routed { "routed" } else { "base" },
+                wall / n * 1e3,
+                tps,
+                tpc
+            );
+        }
+    }
+    vq_decode_time(&args.model, &cfg)?;
+    for (r, name) in ["base", "routed"].iter().enumerate() {
+        println!(
+            "best {name}: {:.0} tokens/s wall, {:.0} tokens per CPU-second",
+            best[r].0, best[r].1
+        );
+    }
+    Ok(())
+}
