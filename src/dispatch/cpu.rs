@@ -213,8 +213,13 @@ fn base_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32
             bail!("linear: f16 weights must be contiguous on the CPU");
         };
         let w16 = &cpu.as_slice::<half::f16>()?[start..end];
-        // The widened product accumulates onto what `product` prepared.
-        let widened = |x: &[f32], w: &[f32], y: &mut [f32]| product(x, w, y, true);
+        // Each widened block of output columns accumulates onto what
+        // `product` prepared, rows `d_out` apart.
+        let mut scratch = Vec::new();
+        let widened = |x: &[f32], w: &[f32], cols: usize, y: &mut [f32]| {
+            let (x, w) = (Rows::new(x, n, d_in, d_in), Rows::new(w, cols, d_in, d_in));
+            gemm_nt(x, w, y, d_out, true, &mut scratch)
+        };
         half_weights::product(x, n, d_in, w16, d_out, &mut y, accumulate, widened);
     } else {
         product(x, F32Read::new(&w)?.slice()?, &mut y, accumulate);
