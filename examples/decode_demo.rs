@@ -208,13 +208,21 @@ fn vq_decode_time(model: &std::path::Path, cfg: &molora::model::config::Config) 
     let Some(vq) = molora::server::load_vq(model, cfg, &Device::Cpu)? else {
         return Ok(());
     };
-    let codes: Vec<u32> = (0..runner_cells(cfg)).map(|i| (i * 37 % 500) as u32).collect();
-    let mut times = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        std::hint::black_box(vq.decode_to_rgb(&codes)?);
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let codes: Vec<u32> = (0..runner_cells(cfg))
+        .map(|i| (i * 37 % 500) as u32)
+        .collect();
+    // As the server's render thread runs it: in a one-thread rayon pool.
+    let pool = molora::dispatch::threading::single_thread_pool("vq").context("rayon pool")?;
+    let times = pool.install(|| -> Result<Vec<f64>> {
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            std::hint::black_box(vq.decode_to_rgb(&codes)?);
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(times)
+    });
+    let mut times = times?;
     times.sort_by(f64::total_cmp);
     println!(
         "VQ decode of one picture ({} codes): median {:.2} ms, best {:.2} ms",
@@ -230,7 +238,7 @@ fn runner_cells(cfg: &molora::model::config::Config) -> usize {
 }
 
 fn main() -> Result<()> {
-    molora::dispatch::threading::pin_candle_thread_count(); // as `molora serve` does
+    molora::dispatch::threading::pin_candle_threads(true); // as `molora serve` does
     let args = parse_args()?;
     let hot = HotSetConfig {
         capacity: 8,
@@ -282,7 +290,10 @@ fn main() -> Result<()> {
     println!(
         "decode {} tokens one at a time; load average {}",
         args.context,
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "{:<6} {:<7} {:>5} {:>9} {:>9} {:>10}",

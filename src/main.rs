@@ -98,14 +98,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    molora::dispatch::threading::pin_candle_thread_count();
+    let cli = Cli::parse();
+    // Before any other thread exists; serving runs candle's element-wise ops inline.
+    let serving = matches!(cli.command, Command::Serve(_) | Command::Batch(_));
+    molora::dispatch::threading::pin_candle_threads(serving);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match try_main(Cli::parse()) {
+    match try_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

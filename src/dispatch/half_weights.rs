@@ -267,7 +267,11 @@ mod tests {
         out
     }
 
-    fn naive_f32_gemm(m: usize, n: usize, k: usize) -> impl FnMut(&[f32], &[f32], usize, &mut [f32]) {
+    fn naive_f32_gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> impl FnMut(&[f32], &[f32], usize, &mut [f32]) {
         move |x, w, cols, out| {
             for i in 0..m {
                 for j in 0..cols {
@@ -329,7 +333,11 @@ mod tests {
         for len in [0, 1, 7, 8, 9, 31, 32, 33, 100] {
             let src: Vec<f16> = (0..len)
                 .map(|_| f16::from_f32(rng.random_range(-70000.0..70000.0)))
-                .chain([f16::INFINITY, f16::NEG_INFINITY, f16::MIN_POSITIVE_SUBNORMAL])
+                .chain([
+                    f16::INFINITY,
+                    f16::NEG_INFINITY,
+                    f16::MIN_POSITIVE_SUBNORMAL,
+                ])
                 .collect();
             let mut dst = vec![0f32; src.len()];
             widen(&src, &mut dst);

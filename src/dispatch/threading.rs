@@ -90,20 +90,41 @@ pub fn threads_for(m: usize, n: usize, k: usize) -> usize {
     (macs / MIN_MACS_PER_THREAD).clamp(1, rayon::current_num_threads().max(1))
 }
 
-/// Makes candle's thread count a constant of the process: call once at the
-/// start of `main`, before any other thread exists.
+/// Makes candle's thread counts constants of the process. Call once at the
+/// start of `main`, before any other thread exists (it sets environment
+/// variables, and only variables the user has not set).
 ///
-/// Why: candle 0.11 asks `get_num_threads()` on every CPU matmul, and unless
-/// `RAYON_NUM_THREADS` is set that re-reads and parses `/proc/cpuinfo`
-/// (`num_cpus::get_physical`) each time: ~10% of the engine thread under
-/// load (the VQ decoder's convolutions are many small matmuls). Setting the
-/// variable to the value candle computes once keeps every thread count as it
-/// was (rayon's global pool reads the same variable).
-pub fn pin_candle_thread_count() {
+/// - `RAYON_NUM_THREADS` = the count candle computes: candle 0.11 asks
+///   `get_num_threads()` on every CPU matmul, and without the variable that
+///   re-reads and parses `/proc/cpuinfo` each time (~10% of the engine
+///   thread under load, mostly the VQ decoder's many small matmuls). rayon's
+///   global pool reads the same variable (physical cores, where rayon alone
+///   would count logical CPUs).
+/// - with `elementwise_inline` (serving), `CANDLE_NUM_THREADS=1`: candle's
+///   element-wise ops above 64K elements otherwise run on its own barrier
+///   pool, whose calling thread spin-waits for a worker that a busy 2-core
+///   machine has descheduled (24% of the engine thread in one profile). A
+///   server's parallelism comes from its threads (engine, render, HTTP), so
+///   these ops run on the thread that asks for them.
+pub fn pin_candle_threads(elementwise_inline: bool) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    if elementwise_inline && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// A one-thread rayon pool: work installed in it runs its rayon-parallel
+/// parts (gemm, candle's convolutions) on that one thread, with no hand-off.
+pub fn single_thread_pool(name: &str) -> Option<rayon::ThreadPool> {
+    let name = name.to_string();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(move |_| name.clone())
+        .build()
+        .ok()
 }
 
 /// The gemm setting for a thread count.

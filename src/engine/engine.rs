@@ -27,8 +27,8 @@ use tokenizers::Tokenizer;
 
 use super::admin::model_info;
 use super::cache_pool::CachePool;
-use super::render::{Outbox, Renderer};
 use super::handle::{EngineConfig, EngineHandle, EngineStats, Message, Shared};
+use super::render::{Outbox, Renderer};
 use super::scheduler::{plan_step, release, resolve_adapters, Admission, Entry, Pending, Queue};
 use super::sequence::{NewSequence, Prepared, Progress, Resolved, Sequence, TokenContext, Twin};
 use super::types::InferEvent;

@@ -28,6 +28,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::images;
 use super::types::InferEvent;
+use crate::dispatch::threading;
 use crate::model::vq::VqModel;
 
 /// A picture to render: a preview of the codes so far, or a finished image.
@@ -91,8 +92,18 @@ impl Renderer {
         let thread = std::thread::Builder::new()
             .name("molora-render".into())
             .spawn(move || {
-                for job in rx {
-                    job.run(&vq, grid);
+                let jobs = move || {
+                    for job in rx {
+                        job.run(&vq, grid);
+                    }
+                };
+                // One thread: the VQ decoder's gemm and convolutions would
+                // otherwise fan out to rayon's pool, which costs more than
+                // it gives at this size on a busy machine (a picture took
+                // 7 ms on one thread, 10-30 ms on two under load).
+                match threading::single_thread_pool("molora-render") {
+                    Some(pool) => pool.install(jobs),
+                    None => jobs(),
                 }
             });
         match thread {

@@ -19,8 +19,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
-use tokenizers::Tokenizer;
 use super::detok::Detokenizer;
 use super::modality::ModalityState;
 use super::params::GenerationParams;
@@ -32,6 +30,8 @@ use crate::engine_runner::{AdapterSelection, SeqReport};
 use crate::model::config::VocabLayout;
 use crate::model::vq::VqModel;
 use crate::routing::mode::RoutingMode;
+use anyhow::{anyhow, Result};
+use tokenizers::Tokenizer;
 
 /// The unconditional side of a guided image.
 #[derive(Debug)]

@@ -28,7 +28,10 @@ use crate::adapters::Projection;
 
 /// Multiply-adds of attention in one forward above which the host kernel
 /// splits its work over rayon's threads (below it the hand-off costs more).
-const PARALLEL_MIN_WORK: usize = 1 << 18;
+/// 4M (~1 ms on one core): long prefills split, decode steps do not; a
+/// 16-row decode step at 128 tokens of context (0.5M) was no faster on two
+/// threads, and rayon's idle threads then spin beside the server's others.
+const PARALLEL_MIN_WORK: usize = 1 << 22;
 /// Rows of one sequence handled by one parallel task.
 const ROWS_PER_TASK: usize = 8;
 
