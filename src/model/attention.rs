@@ -390,11 +390,7 @@ fn attend_row_body<L: Lanes>(
     }
     for row in scores.chunks_exact_mut(ctx) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
+        let sum = lanes.exp_shifted(row, max);
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|s| *s *= inv);
     }

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::Config;
 use super::decoder::LayerAdapters;
-use super::norms::{with_host_f32, KernelPath};
+use super::norms::{silu_mul, with_host_f32, KernelPath};
 use crate::adapters::Projection;
 
 #[derive(Debug, Clone)]
@@ -75,9 +75,7 @@ impl Mlp {
                 with_host_f32(&gu, |gu| {
                     for (row, o) in gu.chunks_exact(2 * i).zip(out.chunks_exact_mut(i)) {
                         let (g, u) = row.split_at(i);
-                        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                            *o = g / (1.0 + (-g).exp()) * u;
-                        }
+                        silu_mul(g, u, o);
                     }
                     Ok(())
                 })?;

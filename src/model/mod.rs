@@ -11,3 +11,6 @@ pub mod norms;
 pub mod tokenizer;
 pub mod vq;
 pub mod weights;
+
+#[cfg(test)]
+mod lanes_tests;

@@ -71,6 +71,10 @@ pub(crate) trait Lanes: Copy {
     fn dot(self, a: &[f32], b: &[f32]) -> f32;
     /// `y += alpha · x` over the common length.
     fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]);
+    /// `x ← exp(x - shift)` in place; returns the sum of the results.
+    fn exp_shifted(self, x: &mut [f32], shift: f32) -> f32;
+    /// SwiGLU's gate: `out = silu(g) · u = g / (1 + exp(-g)) · u`.
+    fn silu_mul(self, g: &[f32], u: &[f32], out: &mut [f32]);
 }
 
 /// Plain Rust; sixteen independent accumulators so the compiler vectorises.
@@ -105,6 +109,23 @@ impl Lanes for Portable {
             *y += alpha * x;
         }
     }
+
+    #[inline(always)]
+    fn exp_shifted(self, x: &mut [f32], shift: f32) -> f32 {
+        let mut sum = 0f32;
+        for v in x.iter_mut() {
+            *v = (*v - shift).exp();
+            sum += *v;
+        }
+        sum
+    }
+
+    #[inline(always)]
+    fn silu_mul(self, g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
 }
 
 /// AVX2 + FMA intrinsics; a value exists only where the CPU has both.
@@ -132,6 +153,18 @@ impl Lanes for Avx2Fma {
     fn axpy(self, y: &mut [f32], alpha: f32, x: &[f32]) {
         // SAFETY: as above.
         unsafe { avx2::axpy(y, alpha, x) }
+    }
+
+    #[inline(always)]
+    fn exp_shifted(self, x: &mut [f32], shift: f32) -> f32 {
+        // SAFETY: as above.
+        unsafe { avx2::exp_shifted(x, shift) }
+    }
+
+    #[inline(always)]
+    fn silu_mul(self, g: &[f32], u: &[f32], out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { avx2::silu_mul(g, u, out) }
     }
 }
 
@@ -197,6 +230,117 @@ mod avx2 {
             y[j] += alpha * x[j];
         }
     }
+
+    /// `exp` of 8 lanes (Cephes' `expf`: range reduction by ln 2, a degree-5
+    /// polynomial; relative error ~1e-7 over the normal range). The input is
+    /// clamped to [-104, 88.8], where f32's exp is 0 and +inf beyond, and
+    /// 2^n is applied as two halves so every n in between stays
+    /// representable (results below 2^-126 come out as denormals, as from
+    /// `f32::exp`). NaN stays NaN.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp8(x: __m256) -> __m256 {
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+        let xc = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(88.8)),
+            _mm256_set1_ps(-104.0),
+        );
+        let fx = _mm256_floor_ps(_mm256_fmadd_ps(
+            xc,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), xc);
+        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        // 2^n = 2^(n >> 1) · 2^(n - (n >> 1)), each factor within ±75.
+        let n = _mm256_cvtps_epi32(fx);
+        let half = _mm256_srai_epi32::<1>(n);
+        let pow2 = |e: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                e,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        let scaled = _mm256_mul_ps(
+            _mm256_mul_ps(y, pow2(half)),
+            pow2(_mm256_sub_epi32(n, half)),
+        );
+        _mm256_blendv_ps(scaled, x, nan)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        let n = x.len();
+        let vs = _mm256_set1_ps(shift);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n bounds the load and the store.
+            unsafe {
+                let p = x.as_mut_ptr().add(i);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), vs));
+                _mm256_storeu_ps(p, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            i += 8;
+        }
+        let q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+        let mut sum = _mm_cvtss_f32(q);
+        for v in &mut x[i..] {
+            *v = (*v - shift).exp();
+            sum += *v;
+        }
+        sum
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        let n = out.len().min(g.len()).min(u.len());
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n bounds every load and the store.
+            unsafe {
+                let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+                let uv = _mm256_loadu_ps(u.as_ptr().add(i));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, uv));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            out[j] = g[j] / (1.0 + (-g[j]).exp()) * u[j];
+        }
+    }
+}
+
+/// SwiGLU's gate `out = silu(g) · u` on the fastest lanes the CPU has.
+pub(crate) fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(lanes) = Avx2Fma::detect() {
+        return lanes.silu_mul(g, u, out);
+    }
+    Portable.silu_mul(g, u, out)
 }
 
 /// `Σ a·b` (portable lanes), for the per-row norms.
