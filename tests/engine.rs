@@ -172,6 +172,24 @@ fn an_image_block_is_tokens_per_image_codes_then_eoi_and_a_png() {
         .iter()
         .position(|e| matches!(e, InferEvent::Image { .. }));
     assert!(eoi_at < img_at);
+    // Pictures render on their own thread, yet arrive in order: each preview
+    // right after the token that completed its codes, the image right after
+    // <eoi>, and nothing after the final event.
+    let token_at: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, InferEvent::Token { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    for done in [4, 8, 12] {
+        assert!(
+            matches!(&events[token_at[done - 1] + 1],
+                InferEvent::ImagePreview { codes_done, .. } if *codes_done == done),
+            "preview {done} is not right after code {done}"
+        );
+    }
+    assert_eq!(img_at, eoi_at.map(|i| i + 1), "the image right after <eoi>");
+    assert!(matches!(events.last(), Some(InferEvent::End(_))));
     let c = completion(&events);
     assert_eq!((c.usage.image_tokens, c.usage.images), (tpi, 1));
 
