@@ -1,7 +1,7 @@
 //! The vector primitives of the host kernels: the AVX2 copy (where the CPU
 //! has it) computes what the portable copy does, including exp's edges.
 
-use super::norms::{Lanes, Portable};
+use super::lanes::{Lanes, Portable};
 
 fn inputs() -> Vec<f32> {
     let mut v: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.97).collect();
@@ -25,7 +25,7 @@ fn inputs() -> Vec<f32> {
 fn exp_shifted_matches_std_exp() {
     #[cfg(target_arch = "x86_64")]
     {
-        let Some(lanes) = super::norms::Avx2Fma::detect() else {
+        let Some(lanes) = super::lanes::Avx2Fma::detect() else {
             return;
         };
         for shift in [0.0f32, 3.5, -20.0] {
@@ -55,7 +55,7 @@ fn exp_shifted_matches_std_exp() {
 fn silu_mul_matches_the_portable_copy() {
     #[cfg(target_arch = "x86_64")]
     {
-        let Some(lanes) = super::norms::Avx2Fma::detect() else {
+        let Some(lanes) = super::lanes::Avx2Fma::detect() else {
             return;
         };
         let g = inputs();

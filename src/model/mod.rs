@@ -6,6 +6,7 @@ pub mod config;
 pub mod config_compat;
 pub mod decoder;
 pub mod kv_cache;
+mod lanes;
 pub mod mlp;
 pub mod norms;
 pub mod tokenizer;
