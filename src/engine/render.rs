@@ -15,6 +15,10 @@
 //! - a render that fails sends the sequence's one `Error` event and marks its
 //!   outbox failed: every later event is dropped, and the engine retires the
 //!   sequence at its next step as it does one whose client went away;
+//! - the engine never waits for the render thread: when pictures take longer
+//!   to render than the model takes to generate their codes, they queue (and
+//!   their sequence's later events behind them), so that sequence's client
+//!   sees them late while the other sequences run at full speed;
 //! - without a render thread (no VQ model, or a sequence built in a test)
 //!   pictures are rendered inline, as before;
 //! - dropping the [`Renderer`] lets the thread finish the queued jobs, then
