@@ -241,3 +241,33 @@ pub fn greedy(seed: u64) -> Value {
 pub fn seeded(seed: u64) -> Value {
     json!({"seed": seed, "stop_at_eos": false, "text": {"temperature": 1.0}, "image": {"temperature": 1.0}})
 }
+
+/// Whether `x` has at most `decimals` decimal places.
+fn has_decimals_at_most(x: f64, decimals: i32) -> bool {
+    let scaled = x * 10f64.powi(decimals);
+    (scaled.round() - scaled).abs() < 1e-6
+}
+
+/// Routing stats as the API writes them: whole row counts are JSON
+/// integers, the others have at most 2 decimals; times at most 3.
+pub fn assert_rounded_routing(routing: &Value) {
+    let rows = routing["rows_per_adapter"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no rows_per_adapter: {routing}"));
+    for (name, n) in rows {
+        let x = n
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}: {n} is not a number"));
+        if x.fract() == 0.0 {
+            assert!(n.is_u64(), "{name}: a whole count written as {n}");
+        } else {
+            assert!(has_decimals_at_most(x, 2), "{name}: {n} is not rounded");
+        }
+    }
+    for key in ["forward_ms", "queue_ms", "total_ms"] {
+        let x = routing[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {key}: {routing}"));
+        assert!(has_decimals_at_most(x, 3), "{key}: {x} is not rounded");
+    }
+}
