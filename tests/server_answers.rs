@@ -19,15 +19,6 @@ fn completion_tokens(r: &Value) -> u64 {
     r["usage"]["text_tokens"].as_u64().unwrap() + r["usage"]["image_tokens"].as_u64().unwrap()
 }
 
-fn image_parts(r: &Value) -> usize {
-    r["parts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["type"] == "image")
-        .count()
-}
-
 #[tokio::test]
 async fn max_tokens_is_a_hard_limit_when_it_ends_an_image_block() {
     let s = shared();
@@ -47,18 +38,16 @@ async fn max_tokens_is_a_hard_limit_when_it_ends_an_image_block() {
             r["usage"]["images"], complete as u64,
             "max_tokens {max}: {r}"
         );
-        assert_eq!(image_parts(&r), complete as usize, "max_tokens {max}");
+        assert_eq!(
+            images_of(&r["parts"]).len(),
+            complete as usize,
+            "max_tokens {max}"
+        );
     }
 
     // Streaming: as many token events as max_tokens, and the image.
     let body = json!({"prompt": prompt, "max_tokens": TPI, "sampling": seeded(7), "stream": true});
-    let r = client()
-        .post(s.at("/v1/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let events = read_sse(r).await;
+    let events = read_sse(post_response(&s.at("/v1/generate"), &body).await).await;
     let count = |name: &str| events.iter().filter(|(n, _)| n == name).count() as u64;
     assert_eq!(count("token"), TPI);
     assert_eq!(count("image"), 1);
@@ -89,19 +78,10 @@ async fn generate_adds_the_answer_separator_like_chat() {
         g["usage"]["prompt_tokens"], c["usage"]["prompt_tokens"],
         "generate and chat see the same prompt: {g} {c}"
     );
-    let chat_text: String = c["choices"][0]["message"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["text"].as_str())
-        .collect();
-    let gen_text: String = g["parts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["text"].as_str())
-        .collect();
-    assert_eq!(gen_text, chat_text);
+    assert_eq!(
+        text_of(&g["parts"]),
+        text_of(&c["choices"][0]["message"]["content"])
+    );
 
     // `raw` sends the prompt as it is: one token less, and the same answer
     // as spelling the separator out as its own part.
@@ -136,16 +116,21 @@ async fn generate_adds_the_answer_separator_like_chat() {
     assert_eq!(prompt_len(&raw) + 1, prompt_len(&sep));
 }
 
+/// A `/v1/compare` answer and the milliseconds the client waited for it.
+async fn timed_compare(body: &Value) -> (Value, f64) {
+    let started = Instant::now();
+    let (status, r) = post(&shared().at("/v1/compare"), body).await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(status, 200, "{r}");
+    (r, elapsed_ms)
+}
+
 #[tokio::test]
 async fn compare_runs_do_not_share_steps_and_report_their_own_work() {
-    let s = shared();
     // One modality: no image is started (checked below), so the modes agree.
     let body = json!({"prompt": "tell me about it", "max_tokens": 12, "seed": 5,
                       "sampling": {"stop_at_eos": false, "text": {"temperature": 0.0}}});
-    let started = Instant::now();
-    let (status, r) = post(&s.at("/v1/compare"), &body).await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(status, 200, "{r}");
+    let (r, elapsed_ms) = timed_compare(&body).await;
     let runs = r["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     for run in runs {
@@ -185,10 +170,7 @@ async fn compare_runs_do_not_share_steps_and_report_their_own_work() {
     let prompt = json!([{"type": "text", "text": "a picture"}, {"type": "image_start"}]);
     let body = json!({"prompt": prompt, "max_tokens": 64, "seed": 6, "per_sequence": ["math"],
                       "sampling": {"stop_at_eos": false}});
-    let started = Instant::now();
-    let (status, r) = post(&s.at("/v1/compare"), &body).await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(status, 200, "{r}");
+    let (r, elapsed_ms) = timed_compare(&body).await;
     let runs = r["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 3);
     let walls: Vec<f64> = runs

@@ -153,6 +153,42 @@ pub async fn get(url: &str) -> (StatusCode, Value) {
     read_json(client().get(url).send().await.expect("request sent")).await
 }
 
+/// POSTs JSON and returns the response unread (for streams and headers).
+pub async fn post_response(url: &str, body: &Value) -> reqwest::Response {
+    client()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+/// GETs a text body (`/metrics`, the playground page).
+pub async fn get_text(url: &str) -> String {
+    let r = client().get(url).send().await.expect("request sent");
+    r.text().await.expect("a text body")
+}
+
+/// The text of an answer's parts, concatenated.
+pub fn text_of(parts: &Value) -> String {
+    parts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect()
+}
+
+/// The image parts of an answer.
+pub fn images_of(parts: &Value) -> Vec<&Value> {
+    parts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "image")
+        .collect()
+}
+
 pub async fn read_json(r: reqwest::Response) -> (StatusCode, Value) {
     let status = r.status();
     let text = r.text().await.expect("body");
