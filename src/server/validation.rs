@@ -9,7 +9,8 @@
 //! Invariants of a `ValidRequest` built here: the prompt starts with `<s>`
 //! (when the model has one), holds only text tokens and complete image
 //! blocks, is at most `max_prompt_tokens` long, and prompt + `max_tokens`
-//! fits the model's context; the parameters passed `GenerationParams::validate`.
+//! fits the model's context; the parameters passed `GenerationParams::validate`;
+//! unless the request is `raw`, the answer separator follows the prompt.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -90,12 +91,9 @@ impl Validator {
     }
 
     /// `prompt`: a string or an array of `{type: "text"|"image", ...}` parts.
-    /// Unless `raw`, the answer separator the model was trained with goes
-    /// between the prompt and the answer, as in training and as chat does
-    /// (`<s> prompt \n answer`): after the last part, or before a trailing
-    /// `image_start` (the picture is the answer). A last text part that
-    /// already ends with the separator gives it up, so the separator is
-    /// always tokenized on its own, as in training, and never doubled.
+    /// Unless `raw`, the answer separator goes between the prompt and the
+    /// answer as in training and as chat does (`<s> prompt \n answer`; see
+    /// `add_answer_separator`).
     pub fn parse_prompt_as(&self, prompt: &Value, raw: bool) -> Result<Vec<PromptPiece>, ApiError> {
         let pieces = match prompt {
             Value::String(s) => vec![PromptPiece::Text {
