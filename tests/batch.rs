@@ -51,6 +51,7 @@ async fn submit_poll_and_fetch_results_like_generate_answers() {
         let got = &line["response"]["body"];
         assert_eq!(got["parts"], direct["parts"], "{}", line["custom_id"]);
         assert_eq!(got["usage"], direct["usage"]);
+        assert_rounded_routing(&got["routing"]);
     }
 
     let (status, list) = get(&s.at("/v1/batches")).await;

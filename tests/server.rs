@@ -10,24 +10,6 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 use server_util::*;
 
-fn text_of(parts: &Value) -> String {
-    parts
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["text"].as_str())
-        .collect()
-}
-
-fn images_of(parts: &Value) -> Vec<&Value> {
-    parts
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["type"] == "image")
-        .collect()
-}
-
 #[tokio::test]
 async fn health_models_and_metrics() {
     let s = shared();
@@ -62,14 +44,7 @@ async fn health_models_and_metrics() {
     )
     .await;
     assert_eq!(status, 200);
-    let text = client()
-        .get(s.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&s.at("/metrics")).await;
     for name in [
         "molora_queue_depth",
         "molora_batch_size",
@@ -148,12 +123,7 @@ async fn streaming_sends_tokens_text_previews_images_and_done() {
     let s = shared();
     let prompt = json!([{"type": "text", "text": "draw"}, {"type": "image_start"}]);
     let body = json!({"prompt": prompt, "max_tokens": 24, "sampling": seeded(5), "stream": true});
-    let r = client()
-        .post(s.at("/v1/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_response(&s.at("/v1/generate"), &body).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -258,13 +228,7 @@ async fn chat_completions_answers_with_content_parts() {
     // Streaming: chunks, then usage, then [DONE].
     let mut stream = body.clone();
     stream["stream"] = json!(true);
-    let r = client()
-        .post(s.at("/v1/chat/completions"))
-        .json(&stream)
-        .send()
-        .await
-        .unwrap();
-    let events = read_sse(r).await;
+    let events = read_sse(post_response(&s.at("/v1/chat/completions"), &stream).await).await;
     assert_eq!(events.last().unwrap().1, Value::String("[DONE]".into()));
     let chunks: Vec<&Value> = events
         .iter()

@@ -294,14 +294,7 @@ async fn a_full_queue_answers_429_and_the_rest_succeed() {
         full.len()
     );
     assert_error(full[0], 429, "overloaded", &["queue is full"]);
-    let metrics = client()
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server.at("/metrics")).await;
     assert!(
         metrics.contains("molora_errors_total{type=\"overloaded\"}"),
         "{metrics}"
@@ -317,12 +310,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
     // 2000 tokens take far longer than noticing the disconnect.
     let body =
         json!({"prompt": "go on", "max_tokens": 2000, "sampling": seeded(2), "stream": true});
-    let r = client()
-        .post(server.at("/v1/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_response(&server.at("/v1/generate"), &body).await;
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let first = stream.next().await.expect("a first frame").unwrap();
@@ -337,14 +325,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
         assert!(Instant::now() < deadline, "sequence still running: {h}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let metrics = client()
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server.at("/metrics")).await;
     assert!(
         metrics.contains("molora_requests_finished_total 0"),
         "the request ran to its end:\n{metrics}"

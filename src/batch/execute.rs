@@ -57,7 +57,8 @@ pub fn check_body(state: &AppState, info: &ModelInfo, body: &Value) -> Result<()
         return Err("`stream` cannot be true in a batch: results are collected".into());
     }
     let v = &state.validator;
-    v.parse_prompt(&req.prompt).map_err(|e| e.to_string())?;
+    v.parse_prompt_as(&req.prompt, req.raw)
+        .map_err(|e| e.to_string())?;
     let s = settings(&req);
     let (mode, adapters) = v.routing(&s).map_err(|e| e.to_string())?;
     v.params(0, &s).map_err(|e| e.to_string())?;
@@ -103,7 +104,7 @@ async fn generate(
     job_dir: &Path,
 ) -> Result<Value, Attempt> {
     let req = GenerateRequest::from_json(item.body.clone())?;
-    let pieces = state.validator.parse_prompt(&req.prompt)?;
+    let pieces = state.validator.parse_prompt_as(&req.prompt, req.raw)?;
     let s = settings(&req);
     state.validator.routing(&s)?;
     state.validator.params(0, &s)?;

@@ -173,7 +173,8 @@ pub struct Job {
     pub image_output: ImageOutput,
     pub source: String,
     pub request_counts: RequestCounts,
-    /// Finished items / valid items (1.0 for a job with none).
+    /// Finished items / valid items (1.0 for a job with none), 3 decimals.
+    #[serde(serialize_with = "crate::engine::types::serialize_ratio")]
     pub progress: f64,
     /// Lines refused at submission, with the reason.
     pub errors: Vec<LineError>,

@@ -13,7 +13,11 @@
 //!   `<bos> <boi>` plus the codes of the open image so far, with the same
 //!   adapters and routing mode; it never sees the prompt's text, which is
 //!   what makes it unconditional. It is fed the same codes as the sequence;
-//! - a sequence ends with exactly one `End` or `Error` event.
+//! - a sequence ends with exactly one `End` or `Error` event;
+//! - it never generates more than `max_tokens` tokens (forced ones count):
+//!   when an image's last code is the last token that fits, its `<eoi>` is
+//!   left out and the image is still delivered; an image that `max_tokens`
+//!   cuts short is dropped (only its previews were sent).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -257,15 +261,23 @@ impl Sequence {
             return Progress::Failed(e);
         }
         if let Some(forced) = chosen.forced {
-            fed.push(forced);
-            if let Err(e) = self.push_token(forced, None, ctx) {
+            // max_tokens (and the context) are hard limits: a forced <eoi>
+            // that does not fit is left out. Its image's codes are all
+            // there, so the image is still delivered.
+            let done = if self.has_room(ctx.max_context) {
+                fed.push(forced);
+                self.push_token(forced, None, ctx)
+            } else {
+                self.complete_image(ctx)
+            };
+            if let Err(e) = done {
                 return Progress::Failed(e);
             }
         }
         if chosen.token == ctx.vocab.eos.unwrap_or(u32::MAX) && self.params.stop_at_eos {
             return Progress::Finished(FinishReason::Stop);
         }
-        if self.generated >= self.params.max_tokens || self.context_len >= ctx.max_context {
+        if !self.has_room(ctx.max_context) {
             return Progress::Finished(FinishReason::Length);
         }
         if let Some(twin) = self.twin.as_mut() {
@@ -274,6 +286,11 @@ impl Sequence {
         }
         self.pending = fed;
         Progress::Continue
+    }
+
+    /// Whether one more token fits in `max_tokens` and the context.
+    fn has_room(&self, max_context: usize) -> bool {
+        self.generated < self.params.max_tokens && self.context_len < max_context
     }
 
     /// The adapter that served a generated token most: the image adapter
@@ -334,11 +351,8 @@ impl Sequence {
             return Ok(());
         }
         self.usage.text_tokens += 1;
-        if Some(token) == vocab.eoi && self.image_codes.len() == vocab.tokens_per_image {
-            let codes = std::mem::take(&mut self.image_codes);
-            let index = self.usage.images;
-            self.usage.images += 1;
-            self.send_picture(Picture::Finished { index, codes }, ctx)?;
+        if Some(token) == vocab.eoi {
+            self.complete_image(ctx)?;
         }
         match self.detok.push(token) {
             Ok(Some(delta)) => self.send(InferEvent::TextDelta(delta)),
@@ -354,6 +368,18 @@ impl Sequence {
         if let Err(picture) = self.events.render(picture) {
             self.send(picture.render(ctx.vq, ctx.vocab.image_grid)?);
         }
+        Ok(())
+    }
+
+    /// Sends the open image once it holds all its codes (a no-op otherwise).
+    fn complete_image(&mut self, ctx: &TokenContext<'_>) -> Result<(), String> {
+        if self.image_codes.len() != ctx.vocab.tokens_per_image {
+            return Ok(());
+        }
+        let codes = std::mem::take(&mut self.image_codes);
+        let index = self.usage.images;
+        self.usage.images += 1;
+        self.send_picture(Picture::Finished { index, codes }, ctx)?;
         Ok(())
     }
 

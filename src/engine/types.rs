@@ -107,11 +107,51 @@ pub struct RoutingStats {
     /// Token rows the decoder processed for this request (all passes).
     pub token_rows: usize,
     /// Token rows per adapter (averaged over layers), this request only.
+    /// Whole numbers (every modality adapter's rows) are written as JSON
+    /// integers, the rest (gate picks that vary by layer) to 2 decimals.
+    #[serde(serialize_with = "serialize_rows")]
     pub rows_per_adapter: BTreeMap<String, f64>,
     /// Wall time of the forward steps this request took part in.
+    #[serde(serialize_with = "serialize_ms")]
     pub forward_ms: f64,
+    #[serde(serialize_with = "serialize_ms")]
     pub queue_ms: f64,
+    #[serde(serialize_with = "serialize_ms")]
     pub total_ms: f64,
+}
+
+fn round_to(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+/// Row counts per adapter: JSON integers when whole (`64`, not `64.0`),
+/// else 2 decimals.
+pub fn serialize_rows<S: serde::Serializer>(
+    rows: &BTreeMap<String, f64>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(rows.len()))?;
+    for (name, &n) in rows {
+        let r = round_to(n, 2);
+        if r.fract() == 0.0 && (0.0..9.0e15).contains(&r) {
+            map.serialize_entry(name, &(r as u64))?;
+        } else {
+            map.serialize_entry(name, &r)?;
+        }
+    }
+    map.end()
+}
+
+/// Milliseconds to the microsecond.
+pub fn serialize_ms<S: serde::Serializer>(ms: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round_to(*ms, 3))
+}
+
+/// Ratios and fractions to 3 decimals.
+pub fn serialize_ratio<S: serde::Serializer>(r: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round_to(*r, 3))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

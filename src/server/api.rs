@@ -38,6 +38,10 @@ pub struct GenerateRequest {
     /// Include every generated token (id, modality, adapter) in the answer.
     #[serde(default)]
     pub return_tokens: bool,
+    /// Send the prompt as it is. By default the answer separator the model
+    /// was trained with (`\n`) is put between the prompt and the answer.
+    #[serde(default)]
+    pub raw: bool,
 }
 
 /// One piece of a prompt, after its JSON shape was checked.
@@ -103,6 +107,9 @@ pub struct CompareRequest {
     /// Adds a `per_sequence` run with these adapters forced on every token.
     #[serde(default)]
     pub per_sequence: Option<Vec<String>>,
+    /// As in `/v1/generate`: no answer separator after the prompt.
+    #[serde(default)]
+    pub raw: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,7 +119,9 @@ pub struct CompareRun {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub routing: RoutingStats,
-    /// Request wall time seen by the server, submission to last event.
+    /// Request wall time seen by the server, submission to last event
+    /// (the runs of one comparison run one after another).
+    #[serde(serialize_with = "crate::engine::types::serialize_ms")]
     pub wall_ms: f64,
     pub token_ids: Vec<u32>,
 }
@@ -124,7 +133,12 @@ pub struct CompareResponse {
     /// Whether single_pass and per_modality_pass produced the same tokens.
     pub identical: bool,
     /// per_modality_pass token rows / single_pass token rows.
+    #[serde(serialize_with = "crate::engine::types::serialize_ratio")]
     pub work_ratio: f64,
+    /// per_modality_pass wall time / single_pass wall time (the runs never
+    /// share a step, so this is what the extra passes cost).
+    #[serde(default, serialize_with = "crate::engine::types::serialize_ratio")]
+    pub time_ratio: f64,
 }
 
 /// `POST /v1/chat/completions` (OpenAI's shape; unknown fields are ignored

@@ -86,6 +86,7 @@ impl GenerateRequest {
             adapters: f.optional("adapters")?,
             stream: f.optional("stream")?.unwrap_or(false),
             return_tokens: f.optional("return_tokens")?.unwrap_or(false),
+            raw: f.optional("raw")?.unwrap_or(false),
         };
         f.deny_unknown()?;
         Ok(req)
@@ -105,6 +106,7 @@ impl CompareRequest {
             seed: f.optional("seed")?,
             adapters: f.optional("adapters")?,
             per_sequence: f.optional("per_sequence")?,
+            raw: f.optional("raw")?.unwrap_or(false),
         };
         f.deny_unknown()?;
         Ok(req)

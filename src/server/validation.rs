@@ -9,7 +9,8 @@
 //! Invariants of a `ValidRequest` built here: the prompt starts with `<s>`
 //! (when the model has one), holds only text tokens and complete image
 //! blocks, is at most `max_prompt_tokens` long, and prompt + `max_tokens`
-//! fits the model's context; the parameters passed `GenerationParams::validate`.
+//! fits the model's context; the parameters passed `GenerationParams::validate`;
+//! unless the request is `raw`, the answer separator follows the prompt.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::engine::types::{AdapterRequest, Priority, ValidRequest};
 use crate::model::config::VocabLayout;
 use crate::model::vq::VqModel;
 use crate::routing::mode::RoutingMode;
+use crate::train::data::encode::ANSWER_SEPARATOR;
 
 /// Largest side of an input picture we agree to decode (it is resized to
 /// the VQ resolution anyway); stops decompression bombs.
@@ -82,8 +84,17 @@ pub struct Settings<'a> {
 }
 
 impl Validator {
-    /// `prompt`: a string or an array of `{type: "text"|"image", ...}` parts.
+    /// `prompt` in answer form: the pieces of [`Self::parse_prompt_as`] with
+    /// the answer separator after them.
     pub fn parse_prompt(&self, prompt: &Value) -> Result<Vec<PromptPiece>, ApiError> {
+        self.parse_prompt_as(prompt, false)
+    }
+
+    /// `prompt`: a string or an array of `{type: "text"|"image", ...}` parts.
+    /// Unless `raw`, the answer separator goes between the prompt and the
+    /// answer as in training and as chat does (`<s> prompt \n answer`; see
+    /// `add_answer_separator`).
+    pub fn parse_prompt_as(&self, prompt: &Value, raw: bool) -> Result<Vec<PromptPiece>, ApiError> {
         let pieces = match prompt {
             Value::String(s) => vec![PromptPiece::Text {
                 field: "prompt".into(),
@@ -121,12 +132,17 @@ impl Validator {
                 )))
             }
         };
-        self.check_pieces(pieces)
+        let mut pieces = self.check_pieces(pieces)?;
+        if !raw {
+            add_answer_separator(&mut pieces, "prompt");
+        }
+        Ok(pieces)
     }
 
     /// Chat messages -> prompt pieces: each message's content in order,
     /// messages separated by a newline, and the answer separator (a newline)
-    /// at the end, as the demo model was trained (`<s> prompt \n answer`).
+    /// at the end, as the demo model was trained (`<s> prompt \n answer`;
+    /// the same rule as [`Self::parse_prompt_as`]).
     pub fn parse_chat(&self, messages: &[ChatMessage]) -> Result<Vec<PromptPiece>, ApiError> {
         if messages.is_empty() {
             return Err(ApiError::EmptyPrompt);
@@ -181,11 +197,9 @@ impl Validator {
                 }
             }
         }
-        pieces.push(PromptPiece::Text {
-            field: "messages".into(),
-            text: "\n".into(),
-        });
-        self.check_pieces(pieces)
+        let mut pieces = self.check_pieces(pieces)?;
+        add_answer_separator(&mut pieces, "messages");
+        Ok(pieces)
     }
 
     /// Non-empty, image count within the limit, images supported.
@@ -416,6 +430,29 @@ impl Validator {
             preview_every: (self.preview_every > 0).then_some(self.preview_every),
         })
     }
+}
+
+/// Puts the answer separator between the prompt and the answer: before a
+/// trailing `image_start`, else at the end. A text piece just before that
+/// place loses a separator it already ends with (never doubled, always its
+/// own token as in training). `field` names the separator piece in errors.
+fn add_answer_separator(pieces: &mut Vec<PromptPiece>, field: &str) {
+    let at = match pieces.last() {
+        Some(PromptPiece::ImageStart { .. }) => pieces.len() - 1,
+        _ => pieces.len(),
+    };
+    if let Some(PromptPiece::Text { text, .. }) = at.checked_sub(1).map(|i| &mut pieces[i]) {
+        if let Some(kept) = text.strip_suffix(ANSWER_SEPARATOR) {
+            text.truncate(kept.len());
+        }
+    }
+    pieces.insert(
+        at,
+        PromptPiece::Text {
+            field: field.into(),
+            text: ANSWER_SEPARATOR.into(),
+        },
+    );
 }
 
 fn decode_base64(field: &str, data: &str) -> Result<Vec<u8>, ApiError> {

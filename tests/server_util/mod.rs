@@ -153,6 +153,42 @@ pub async fn get(url: &str) -> (StatusCode, Value) {
     read_json(client().get(url).send().await.expect("request sent")).await
 }
 
+/// POSTs JSON and returns the response unread (for streams and headers).
+pub async fn post_response(url: &str, body: &Value) -> reqwest::Response {
+    client()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+/// GETs a text body (`/metrics`, the playground page).
+pub async fn get_text(url: &str) -> String {
+    let r = client().get(url).send().await.expect("request sent");
+    r.text().await.expect("a text body")
+}
+
+/// The text of an answer's parts, concatenated.
+pub fn text_of(parts: &Value) -> String {
+    parts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["text"].as_str())
+        .collect()
+}
+
+/// The image parts of an answer.
+pub fn images_of(parts: &Value) -> Vec<&Value> {
+    parts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "image")
+        .collect()
+}
+
 pub async fn read_json(r: reqwest::Response) -> (StatusCode, Value) {
     let status = r.status();
     let text = r.text().await.expect("body");
@@ -240,4 +276,34 @@ pub fn greedy(seed: u64) -> Value {
 /// Seeded sampling at temperature 1 (draws depend on the seed only).
 pub fn seeded(seed: u64) -> Value {
     json!({"seed": seed, "stop_at_eos": false, "text": {"temperature": 1.0}, "image": {"temperature": 1.0}})
+}
+
+/// Whether `x` has at most `decimals` decimal places.
+fn has_decimals_at_most(x: f64, decimals: i32) -> bool {
+    let scaled = x * 10f64.powi(decimals);
+    (scaled.round() - scaled).abs() < 1e-6
+}
+
+/// Routing stats as the API writes them: whole row counts are JSON
+/// integers, the others have at most 2 decimals; times at most 3.
+pub fn assert_rounded_routing(routing: &Value) {
+    let rows = routing["rows_per_adapter"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no rows_per_adapter: {routing}"));
+    for (name, n) in rows {
+        let x = n
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}: {n} is not a number"));
+        if x.fract() == 0.0 {
+            assert!(n.is_u64(), "{name}: a whole count written as {n}");
+        } else {
+            assert!(has_decimals_at_most(x, 2), "{name}: {n} is not rounded");
+        }
+    }
+    for key in ["forward_ms", "queue_ms", "total_ms"] {
+        let x = routing[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {key}: {routing}"));
+        assert!(has_decimals_at_most(x, 3), "{key}: {x} is not rounded");
+    }
 }

@@ -1,11 +1,13 @@
 //! `POST /v1/compare`: one prompt and one seed, run in single_pass and
-//! per_modality_pass (and per_sequence with forced adapters when asked),
-//! submitted together so they share the batch. Each run reports its wall
-//! time, passes, token rows and rows per adapter; `identical` says whether
-//! single_pass and per_modality_pass produced the same tokens.
+//! per_modality_pass (and per_sequence with forced adapters when asked).
+//!
+//! The runs go to the engine one after another, each submitted when the one
+//! before has ended, so no two runs of a comparison share an engine step:
+//! each run's wall time, forward time, passes and token rows are its own
+//! (other clients' requests may still share its steps). `identical` says
+//! whether single_pass and per_modality_pass produced the same tokens.
 
 use actix_web::{web, HttpResponse};
-use futures::future::try_join_all;
 use serde_json::Value;
 
 use super::{prepare, run_to_end};
@@ -21,7 +23,7 @@ pub async fn compare(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let req = CompareRequest::from_json(body.into_inner())?;
-    let pieces = state.validator.parse_prompt(&req.prompt)?;
+    let pieces = state.validator.parse_prompt_as(&req.prompt, req.raw)?;
     let mut sampling = match req.sampling.clone() {
         None | Some(Value::Null) => serde_json::Map::new(),
         Some(Value::Object(m)) => m,
@@ -61,16 +63,11 @@ pub async fn compare(
             .check_adapters(RoutingMode::PerSequence, &adapters)?;
         runs.push(with_mode(&single, RoutingMode::PerSequence, Some(adapters)));
     }
-    let outputs = try_join_all(runs.into_iter().map(|r| {
-        let state = state.clone();
-        async move {
-            let mode = r.mode;
-            run_to_end(&state, "compare", r)
-                .await
-                .map(|out| (mode, out))
-        }
-    }))
-    .await?;
+    let mut outputs = Vec::with_capacity(runs.len());
+    for r in runs {
+        let mode = r.mode;
+        outputs.push((mode, run_to_end(&state, "compare", r).await?));
+    }
     let runs: Vec<CompareRun> = outputs
         .into_iter()
         .map(|(mode, out)| CompareRun {
@@ -84,15 +81,17 @@ pub async fn compare(
         })
         .collect();
     let identical = runs[0].token_ids == runs[1].token_ids;
-    let work_ratio = match runs[0].routing.token_rows {
-        0 => 0.0,
-        rows => runs[1].routing.token_rows as f64 / rows as f64,
-    };
+    let work_ratio = ratio(
+        runs[1].routing.token_rows as f64,
+        runs[0].routing.token_rows as f64,
+    );
+    let time_ratio = ratio(runs[1].wall_ms, runs[0].wall_ms);
     Ok(HttpResponse::Ok().json(CompareResponse {
         seed,
         runs,
         identical,
         work_ratio,
+        time_ratio,
     }))
 }
 
@@ -107,4 +106,13 @@ fn with_mode(
         r.adapters = a;
     }
     r
+}
+
+/// `a / b`, 0 when `b` is 0.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
 }

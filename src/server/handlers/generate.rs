@@ -18,7 +18,7 @@ pub async fn generate(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let req = GenerateRequest::from_json(body.into_inner())?;
-    let pieces = state.validator.parse_prompt(&req.prompt)?;
+    let pieces = state.validator.parse_prompt_as(&req.prompt, req.raw)?;
     let settings = Settings {
         max_tokens: req.max_tokens,
         sampling: req.sampling.as_ref(),
