@@ -71,6 +71,16 @@ pub struct VqConfig {
     /// and a plain background colour can no longer be produced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm_num_groups: Option<usize>,
+    /// molora extension: the decoder's `base_channels` when it differs from
+    /// the encoder's. transformers' Chameleon holds only the encoder (with
+    /// taming's 32 groups, so channels in multiples of 32); a small model can
+    /// keep that encoder and a cheaper decoder. Absent = `base_channels`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_base_channels: Option<usize>,
+    /// molora extension: the decoder's GroupNorm group count. Absent =
+    /// `norm_num_groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_norm_num_groups: Option<usize>,
 }
 
 impl VqConfig {
@@ -92,6 +102,8 @@ impl VqConfig {
             initializer_range: 0.02,
             out_ch: None,
             norm_num_groups: None,
+            decoder_base_channels: None,
+            decoder_norm_num_groups: None,
         }
     }
 
@@ -144,6 +156,17 @@ impl VqConfig {
             .unwrap_or(crate::model::vq::blocks::NORM_GROUPS)
     }
 
+    /// The decoder's `base_channels`.
+    pub fn decoder_channels(&self) -> usize {
+        self.decoder_base_channels.unwrap_or(self.base_channels)
+    }
+
+    /// The decoder's GroupNorm groups (at most; see `blocks::norm_groups`).
+    pub fn decoder_norm_groups(&self) -> usize {
+        self.decoder_norm_num_groups
+            .unwrap_or_else(|| self.norm_groups())
+    }
+
     pub fn out_channels(&self) -> usize {
         self.out_ch.unwrap_or(self.in_channels)
     }
@@ -174,6 +197,8 @@ impl VqConfig {
             ("num_res_blocks", self.num_res_blocks),
             ("out_ch", self.out_channels()),
             ("norm_num_groups", self.norm_groups()),
+            ("decoder_base_channels", self.decoder_channels()),
+            ("decoder_norm_num_groups", self.decoder_norm_groups()),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -262,5 +287,33 @@ mod tests {
         cfg.attn_type = "linear".into();
         let err = format!("{:#}", cfg.validate().unwrap_err());
         assert!(err.contains("attn_type"), "{err}");
+    }
+
+    #[test]
+    fn a_narrower_decoder_builds_and_round_trips_shapes() {
+        use candle_core::{DType, Device, Tensor};
+        use candle_nn::{VarBuilder, VarMap};
+        let json = r#"{"embed_dim": 8, "num_embeddings": 16, "latent_channels": 8,
+            "resolution": 16, "base_channels": 32, "channel_multiplier": [1, 2],
+            "num_res_blocks": 1, "attn_type": "none",
+            "decoder_base_channels": 8, "decoder_norm_num_groups": 4}"#;
+        let cfg: VqConfig = serde_json::from_str(json).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!((cfg.decoder_channels(), cfg.decoder_norm_groups()), (8, 4));
+        assert_eq!(cfg.norm_groups(), 32, "the encoder keeps taming's groups");
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = crate::model::vq::VqModel::new(&cfg, vb).unwrap();
+        let data = varmap.data().lock().unwrap();
+        assert_eq!(data["encoder.conv_in.weight"].dims(), [32, 3, 3, 3]);
+        assert_eq!(data["decoder.conv_out.weight"].dims(), [3, 8, 3, 3]);
+        drop(data);
+        let images = Tensor::zeros((2, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        let codes = model.encode(&images).unwrap();
+        assert_eq!(codes.dims(), [2, 64]);
+        assert_eq!(model.decode(&codes).unwrap().dims(), [2, 3, 16, 16]);
+        // Written back, the config keeps the extension fields.
+        let back: VqConfig = serde_json::from_str(&cfg.to_json_pretty().unwrap()).unwrap();
+        assert_eq!(back, cfg);
     }
 }

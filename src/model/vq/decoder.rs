@@ -32,8 +32,8 @@ pub struct Decoder {
 impl Decoder {
     /// `vb` is the `decoder` prefix. The config must be validated.
     pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
-        let ch = cfg.base_channels;
-        let groups = cfg.norm_groups();
+        let ch = cfg.decoder_channels();
+        let groups = cfg.decoder_norm_groups();
         let levels = cfg.num_resolutions();
         let mut block_in = ch * cfg.channel_multiplier[levels - 1];
         let mut curr_res = cfg.grid_size();

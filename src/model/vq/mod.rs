@@ -9,10 +9,12 @@
 //! - Pixels are (B, 3, R, R) f32 in [-1, 1] with R = `resolution`; codes are
 //!   (B, g*g) u32 with g = [`VqConfig::grid_size`], in row-major grid order,
 //!   each < `num_embeddings`. Both are checked at the entry points.
-//! - The only deviations from taming are in the GroupNorm group count: an
-//!   optional `norm_num_groups` (default 32, taming's) and, for channel
-//!   counts it does not divide, its largest divisor below it (see
-//!   [`blocks::norm_groups`]). Real checkpoints use neither.
+//! - The only deviations from taming are in the GroupNorm group count (an
+//!   optional `norm_num_groups`, default 32, taming's; for channel counts it
+//!   does not divide, its largest divisor below it, see
+//!   [`blocks::norm_groups`]) and an optional decoder narrower than the
+//!   encoder (`decoder_base_channels`, `decoder_norm_num_groups`). Real
+//!   checkpoints use none of them.
 
 pub mod blocks;
 pub mod checkpoint;

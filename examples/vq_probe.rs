@@ -1,0 +1,97 @@
+//! Trains a VQ-VAE configuration for a while and reports, every few steps,
+//! the step time, the reconstruction loss and what the image checker reads
+//! back from reconstructions of held-out scenes. Used to choose the demo
+//! model's VQ (see BENCHMARKS.md / EVAL.md); the pipeline itself trains the
+//! VQ with `molora train vq`.
+//!
+//! cargo run --release --example vq_probe -- CONFIG.json STEPS BATCH LR EVAL_EVERY [micro]
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use molora::eval::image_checks::{held_out_scenes, psnr};
+use molora::eval::model::at_checker_size;
+use molora::model::vq::pixels::fit_square;
+use molora::model::vq::{rgb_to_tensor, VqConfig};
+use molora::train::data::checker::{check, AttributeTally};
+use molora::train::data::Scene;
+use molora::train::data::Split;
+use molora::train::vq_train::{VqTrainConfig, VqTrainer};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: vq_probe CONFIG.json STEPS BATCH LR EVAL_EVERY [MICRO]";
+    let cfg: VqConfig = serde_json::from_str(
+        &std::fs::read_to_string(args.get(1).context(usage)?).context("reading the config")?,
+    )?;
+    let num = |i: usize| -> Result<f64> { Ok(args.get(i).context(usage)?.parse::<f64>()?) };
+    let (steps, batch, lr, every) = (num(2)? as u64, num(3)? as usize, num(4)?, num(5)? as u64);
+    let micro = args.get(6).map_or(Ok(2), |s| s.parse::<usize>())?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let _ = rayon::current_num_threads();
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    let device = Device::Cpu;
+    let tcfg = VqTrainConfig {
+        learning_rate: lr,
+        warmup_steps: 20,
+        threads,
+        micro_batch: micro,
+        ..VqTrainConfig::new(7)
+    };
+    let mut trainer = VqTrainer::new(&cfg, &tcfg, &device)?;
+    let side = cfg.resolution as u32;
+    let scenes = held_out_scenes(100, 1);
+    let started = Instant::now();
+    println!("| step | s/step | recon | codes/batch | PSNR dB | colour | shape | size | position | count | all |");
+    let mut done = 0;
+    while done < steps {
+        let target = (done + every).min(steps);
+        let t0 = Instant::now();
+        let (mut recon, mut codes) = (0f64, 0usize);
+        trainer.run(
+            target,
+            |step| {
+                let mut rng = StdRng::seed_from_u64(step.wrapping_mul(0x9E37_79B9) ^ 11);
+                let images: Vec<_> = (0..batch)
+                    .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
+                    .collect();
+                Ok(rgb_to_tensor(&images, &device)?)
+            },
+            None,
+            |s| {
+                recon += s.reconstruction as f64;
+                codes = s.codes_in_batch;
+            },
+        )?;
+        let per_step = t0.elapsed().as_secs_f64() / (target - done) as f64;
+        let recon = recon / (target - done) as f64;
+        done = target;
+        let (tally, db) = evaluate(&trainer, &scenes, side)?;
+        let r = |n: usize| 100.0 * n as f64 / tally.checked.max(1) as f64;
+        println!(
+            "| {done} | {per_step:.2} | {recon:.4} | {codes} | {db:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r(tally.colour), r(tally.shape), r(tally.size), r(tally.position), r(tally.count), r(tally.all)
+        );
+    }
+    println!("total {:.0} s", started.elapsed().as_secs_f64());
+    if let Some(out) = args.get(7) {
+        trainer.save_weights(std::path::Path::new(out))?;
+    }
+    Ok(())
+}
+
+fn evaluate(trainer: &VqTrainer, scenes: &[Scene], side: u32) -> Result<(AttributeTally, f64)> {
+    let vq = trainer.model();
+    let mut tally = AttributeTally::default();
+    let mut db = 0.0;
+    for scene in scenes {
+        let render = fit_square(&scene.render(), side);
+        let recon = vq.decode_to_rgb(&vq.encode_rgb(&render)?)?;
+        db += psnr(&render, &recon);
+        tally.add(&check(&at_checker_size(recon), scene));
+    }
+    Ok((tally, db / scenes.len() as f64))
+}
