@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use molora::adapters::hot_set::HotSetConfig;
-use molora::engine_runner::{ModelRunner, SeqStep};
+use molora::engine::runner::{ModelRunner, SeqStep};
 use molora::model::decoder::BatchInput;
 use molora::routing::mode::RoutingMode;
 

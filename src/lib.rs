@@ -9,7 +9,6 @@ pub mod bench;
 pub mod convert_vqgan;
 pub mod dispatch;
 pub mod engine;
-pub mod engine_runner;
 pub mod eval;
 pub mod model;
 pub mod random_model;

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use engine_support::*;
 use molora::engine::images::VQ_WEIGHTS_FILE;
 use molora::engine::modality::{apply_mask, ModalityState};
+use molora::engine::runner::SeqStep;
 use molora::engine::sampler::{apply_cfg, argmax};
 use molora::engine::{AdapterRequest, FinishReason, InferEvent};
-use molora::engine_runner::SeqStep;
 use molora::routing::mode::RoutingMode;
 
 #[test]

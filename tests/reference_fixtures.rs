@@ -12,7 +12,7 @@
 mod reference_support;
 
 use candle_core::{DType, Device, Tensor};
-use molora::engine_runner::{AdapterSelection, SeqStep};
+use molora::engine::runner::{AdapterSelection, SeqStep};
 use molora::model::decoder::{BatchInput, Decoder};
 use molora::model::kv_cache::KvCache;
 use molora::model::norms::KernelPath;
@@ -117,7 +117,7 @@ fn vocabulary_comes_from_the_chameleon_files() {
 
 /// Logits of every sequence run in one step with per-sequence modes.
 fn runner_logits(
-    runner: &molora::engine_runner::ModelRunner,
+    runner: &molora::engine::runner::ModelRunner,
     seqs: &[Vec<u32>],
     mode: RoutingMode,
     sel: &AdapterSelection,

@@ -8,12 +8,12 @@ use common::*;
 use molora::adapters::peft::LoraAdapter;
 use molora::adapters::{AdapterRole, Projection};
 use molora::bench::interleaved_sequence;
-use molora::engine_runner::AdapterSelection;
+use molora::engine::runner::AdapterSelection;
 use molora::routing::mode::RoutingMode;
 
 const TOL: f32 = 1e-5;
 
-fn text_only(runner: &molora::engine_runner::ModelRunner, len: usize, seed: u64) -> Vec<u32> {
+fn text_only(runner: &molora::engine::runner::ModelRunner, len: usize, seed: u64) -> Vec<u32> {
     interleaved_sequence(&runner.vocab, 1, len, seed)
 }
 

@@ -4,7 +4,7 @@
 
 use candle_core::Device;
 use molora::adapters::HotSetConfig;
-use molora::engine_runner::ModelRunner;
+use molora::engine::runner::ModelRunner;
 use molora::train::pipeline::{PipelineConfig, Run, TRAIN_LOG};
 use molora::train::stages;
 

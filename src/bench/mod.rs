@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use crate::adapters::hot_set::HotSetConfig;
-use crate::engine_runner::{AdapterSelection, ModelRunner, SeqStep};
+use crate::engine::runner::{AdapterSelection, ModelRunner, SeqStep};
 use crate::model::kv_cache::KvCache;
 use crate::random_model::{write_random_model, RandomModelSpec, ADAPTERS_DIR};
 use crate::routing::mode::RoutingMode;

@@ -17,7 +17,7 @@ use super::handle::{
 };
 use crate::adapters::peft::{resolve_adapter_dir, LoraAdapter};
 use crate::adapters::SlotId;
-use crate::engine_runner::ModelRunner;
+use crate::engine::runner::ModelRunner;
 
 /// Adapter management, between steps.
 impl Engine {

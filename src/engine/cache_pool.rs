@@ -10,7 +10,7 @@
 
 use anyhow::Result;
 
-use crate::engine_runner::ModelRunner;
+use crate::engine::runner::ModelRunner;
 use crate::model::kv_cache::KvCache;
 
 /// Idle caches that keep their allocation for reuse.

@@ -33,7 +33,7 @@ use super::scheduler::{plan_step, release, resolve_adapters, Admission, Entry, P
 use super::sequence::{NewSequence, Prepared, Progress, Resolved, Sequence, TokenContext, Twin};
 use super::types::InferEvent;
 use crate::adapters::{SlotId, NULL_SLOT};
-use crate::engine_runner::{ModelRunner, SeqStep};
+use crate::engine::runner::{ModelRunner, SeqStep};
 use crate::model::vq::VqModel;
 
 /// A sequence sampling this step: its index in `running`, the row of its

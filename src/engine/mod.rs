@@ -2,6 +2,8 @@
 //! with continuous batching ([`engine`]); the HTTP layer talks to it only
 //! through an [`EngineHandle`] and the plain types of [`types`].
 //!
+//! - [`runner`]: the model runner, one routed forward over every running
+//!   sequence (K passes for `per_modality_pass`);
 //! - [`handle`]: the handle, its configuration, commands and snapshots;
 //! - [`scheduler`]: the waiting queue, adapter admission, the step plan;
 //! - [`sequence`]: one running request (sampling, streaming, guidance twin);
@@ -20,6 +22,7 @@ pub mod images;
 pub mod modality;
 pub mod params;
 pub mod render;
+pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::sequence::Resolved;
 use super::types::{AdapterRequest, InferEvent, Priority, ValidRequest};
-use crate::engine_runner::{AdapterSelection, ModelRunner};
+use crate::engine::runner::{AdapterSelection, ModelRunner};
 use crate::routing::mode::RoutingMode;
 
 /// A request waiting for a place in the running batch.

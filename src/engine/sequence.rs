@@ -30,7 +30,7 @@ use super::render::{Outbox, Picture};
 use super::sampler::{choose_next, Sampler};
 use super::types::{Completion, FinishReason, InferEvent, RoutingStats, Usage};
 use crate::adapters::{SlotId, NULL_SLOT};
-use crate::engine_runner::{AdapterSelection, SeqReport};
+use crate::engine::runner::{AdapterSelection, SeqReport};
 use crate::model::config::VocabLayout;
 use crate::model::vq::VqModel;
 use crate::routing::mode::RoutingMode;

@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::model::{role_domains, AdapterDomain, EvalModel};
 use super::tasks::tasks_for;
 use crate::adapters::{AdapterRole, SlotId, NULL_SLOT};
-use crate::engine_runner::{AdapterSelection, ModelRunner, SeqStep};
+use crate::engine::runner::{AdapterSelection, ModelRunner, SeqStep};
 use crate::routing::mode::RoutingMode;
 use crate::train::data::encode::EncodedSequence;
 use crate::train::data::text_domains::sample;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use molora::adapters::hot_set::HotSetConfig;
-use molora::engine_runner::{AdapterSelection, ModelRunner, SeqStep};
+use molora::engine::runner::{AdapterSelection, ModelRunner, SeqStep};
 use molora::model::kv_cache::KvCache;
 use molora::random_model::{write_random_model, RandomModelSpec, ADAPTERS_DIR};
 use molora::routing::mode::RoutingMode;

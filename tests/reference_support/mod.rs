@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use molora::adapters::hot_set::HotSetConfig;
-use molora::engine_runner::ModelRunner;
+use molora::engine::runner::ModelRunner;
 
 /// The tolerance of the issue: max |a - b| / max |b|.
 pub const REL_TOL: f32 = 1e-4;
