@@ -28,23 +28,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use molora::adapters::hot_set::HotSetConfig;
+use molora::bench::cpu_seconds;
 use molora::engine::runner::{ModelRunner, SeqStep};
 use molora::model::decoder::BatchInput;
 use molora::routing::mode::RoutingMode;
-
-/// CPU seconds this process has used (all threads), from /proc/self/stat.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 struct Args {
     model: PathBuf,

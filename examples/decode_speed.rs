@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use molora::adapters::Projection;
+use molora::bench::cpu_seconds;
 use molora::dispatch::{routed_linear, SlotWeights};
 use molora::model::config::Config;
 use molora::model::decoder::{BatchInput, Decoder, LoraContext};
@@ -58,21 +59,6 @@ fn demo_config(kv_heads: usize) -> Result<Config> {
             "image_grid": [8, 8]
         }
     }))?)
-}
-
-/// CPU seconds this process has used (all threads), from /proc/self/stat;
-/// on a shared machine this is the number that does not depend on the load.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0 // utime + stime, at the kernel's 100 ticks/s
 }
 
 /// Wall and CPU seconds per step.

@@ -2,6 +2,7 @@
 //! LoRA against the bare base model, and batch-1 decode against the floor the
 //! machine allows. Every ratio is measured in the same run on the same model.
 
+mod cpu_time;
 mod floor;
 mod workload;
 
@@ -17,6 +18,7 @@ use crate::model::kv_cache::KvCache;
 use crate::random_model::{write_random_model, RandomModelSpec, ADAPTERS_DIR};
 use crate::routing::mode::RoutingMode;
 
+pub use cpu_time::cpu_seconds;
 pub use workload::interleaved_sequence;
 
 #[derive(Debug, Clone)]
