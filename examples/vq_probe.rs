@@ -39,6 +39,8 @@ fn main() -> Result<()> {
         warmup_steps: 20,
         threads,
         micro_batch: micro,
+        // FOREGROUND_WEIGHT=k weighs shape pixels 1+k (VqTrainConfig::foreground_weight).
+        foreground_weight: std::env::var("FOREGROUND_WEIGHT").map_or(Ok(0.0), |v| v.parse())?,
         ..VqTrainConfig::new(7)
     };
     let mut trainer = VqTrainer::new(&cfg, &tcfg, &device)?;

@@ -117,6 +117,10 @@ pub struct PipelineConfig {
     pub vq_steps: u64,
     pub vq_batch: usize,
     pub vq_learning_rate: f64,
+    /// Extra reconstruction weight of shape pixels
+    /// ([`crate::train::vq_train::VqTrainConfig::foreground_weight`]).
+    #[serde(default)]
+    pub vq_foreground_weight: f64,
     pub decoder: DecoderSize,
     /// Packed batch: rows of `batch_len` tokens.
     pub batch_rows: usize,
@@ -125,7 +129,11 @@ pub struct PipelineConfig {
     pub base_prompt_weight: f32,
     pub adapter_prompt_weight: f32,
     pub base: Schedule,
+    /// The modality adapters (text, image).
     pub adapter: Schedule,
+    /// The semantic adapters (math, code, caption): their domains are a
+    /// small share of every batch's loss, so they move slower.
+    pub semantic_adapter: Schedule,
     pub gate: Schedule,
     pub lora_rank: usize,
     pub lora_alpha: f64,
@@ -151,9 +159,10 @@ impl PipelineConfig {
             corpus_items: 4000,
             vq: serde_json::from_str(include_str!("../../configs/vq_demo_small.json"))
                 .expect("configs/vq_demo_small.json is a valid VQ config"),
-            vq_steps: 400,
+            vq_steps: 1500,
             vq_batch: 16,
             vq_learning_rate: 1e-3,
+            vq_foreground_weight: 5.0,
             decoder: DecoderSize {
                 hidden_size: 256,
                 num_layers: 4,
@@ -167,6 +176,7 @@ impl PipelineConfig {
             adapter_prompt_weight: 0.1,
             base: sched(2000, 1.5e-3, 100),
             adapter: sched(120, 2e-3, 10),
+            semantic_adapter: sched(250, 2e-3, 10),
             gate: sched(120, 3e-3, 10),
             lora_rank: 16,
             lora_alpha: 32.0,
@@ -200,6 +210,7 @@ impl PipelineConfig {
             vq_steps: 2,
             vq_batch: 2,
             vq_learning_rate: 1e-3,
+            vq_foreground_weight: 5.0,
             decoder: DecoderSize {
                 hidden_size: 32,
                 num_layers: 2,
@@ -213,6 +224,7 @@ impl PipelineConfig {
             adapter_prompt_weight: 0.1,
             base: sched(2),
             adapter: sched(2),
+            semantic_adapter: sched(2),
             gate: sched(2),
             lora_rank: 4,
             lora_alpha: 8.0,
@@ -228,6 +240,7 @@ impl PipelineConfig {
         for (s, n) in [
             (&mut cfg.base, 10),
             (&mut cfg.adapter, 5),
+            (&mut cfg.semantic_adapter, 5),
             (&mut cfg.gate, 5),
         ] {
             s.steps = n;

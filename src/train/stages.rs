@@ -21,6 +21,7 @@ use super::lora::TrainLora;
 use super::pipeline::{expert_for, mixture_for, record, role_of, Run, StageLog, ADAPTERS};
 use super::vq_train::{VqTrainConfig, VqTrainer};
 use crate::adapters::peft::LoraAdapter;
+use crate::adapters::AdapterRole;
 use crate::engine::images::VQ_WEIGHTS_FILE;
 use crate::model::config::{Config, MoloraConfig};
 use crate::model::tokenizer::{load_tokenizer, save_tokenizer, train_tokenizer, TokenizerLayout};
@@ -74,7 +75,9 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
         learning_rate: cfg.vq_learning_rate,
         checkpoint_every: 50,
         warmup_steps: 20,
+        decay_steps: cfg.vq_steps,
         threads,
+        foreground_weight: cfg.vq_foreground_weight,
         ..VqTrainConfig::new(seed)
     };
     let _one_thread = MatmulThreads::set(1);
@@ -326,6 +329,10 @@ impl Routing for OracleRouting<'_> {
 /// with.
 pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
     let role = role_of(name)?;
+    let schedule = match role {
+        AdapterRole::Modality { .. } => &run.cfg.adapter,
+        AdapterRole::Semantic { .. } => &run.cfg.semantic_adapter,
+    };
     let assets = Assets::load(run, device)?;
     let cfg = &assets.config;
     let base = frozen_base(run, cfg, device)?;
@@ -352,7 +359,7 @@ pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
     let seed = run.stage_seed(name);
     let mixture = mixture_for(name);
     let image_start = assets.layout.image_range.start;
-    train_loop(run, name, &varmap, &pc.adapter, |step| {
+    train_loop(run, name, &varmap, schedule, |step| {
         let batch = maker.batch(
             &mixture,
             seed,

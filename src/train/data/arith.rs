@@ -131,6 +131,33 @@ impl Expr {
         }
     }
 
+    /// The worked answer: every operation on two numbers, innermost first,
+    /// as "12+7=19, 19*3=57"; the last number is the value. A tiny decoder
+    /// gets one small sum or product per step instead of the whole
+    /// expression in its head.
+    pub fn worked(&self) -> Result<String> {
+        let mut steps = Vec::new();
+        let value = self.work(&mut steps)?;
+        if steps.is_empty() {
+            return Ok(value.to_string());
+        }
+        Ok(steps.join(", "))
+    }
+
+    fn work(&self, steps: &mut Vec<String>) -> Result<i64> {
+        match self {
+            Expr::Bin(op, a, b) => {
+                let (x, y) = (a.work(steps)?, b.work(steps)?);
+                let value = op
+                    .apply(x, y)
+                    .ok_or_else(|| anyhow!("integer overflow in {x} {} {y}", op.symbol()))?;
+                steps.push(format!("{x}{}{y}={value}", op.symbol()));
+                Ok(value)
+            }
+            other => other.value(),
+        }
+    }
+
     /// The literals, left to right.
     pub fn literals(&self) -> Vec<i64> {
         match self {
@@ -251,6 +278,23 @@ mod tests {
         assert_eq!(e.value().unwrap(), 35);
         let e = Expr::bin(Op::Add, Expr::bin(Op::Mul, n(4), n(5)), n(1));
         assert_eq!(e.spaced(), "4 * 5 + 1");
+    }
+
+    #[test]
+    fn worked_answers_go_innermost_first_and_end_in_the_value() {
+        let n = Expr::Num;
+        let e = Expr::bin(Op::Mul, Expr::bin(Op::Add, n(12), n(7)), n(3));
+        assert_eq!(e.worked().unwrap(), "12+7=19, 19*3=57");
+        let e = Expr::bin(Op::Add, n(12), Expr::bin(Op::Mul, n(7), n(3)));
+        assert_eq!(e.worked().unwrap(), "7*3=21, 12+21=33");
+        assert_eq!(n(5).worked().unwrap(), "5");
+        let mut rng = StdRng::seed_from_u64(4);
+        for _ in 0..500 {
+            let e = random_expr(&mut rng);
+            let worked = e.worked().unwrap();
+            let last = worked.rsplit('=').next().unwrap();
+            assert_eq!(last.parse::<i64>().unwrap(), e.value().unwrap(), "{worked}");
+        }
     }
 
     #[test]

@@ -124,6 +124,9 @@ impl Segment {
 pub enum Check {
     /// The produced text, trimmed, must equal this.
     Exact(String),
+    /// The produced text's last number must be this value: worked answers
+    /// ("12+7=19, 19*3=57", "result 12+7=19") end in it.
+    FinalValue(i64),
     /// The produced text must be a program that runs and prints this value.
     ProgramValue(i64),
     /// The produced text must describe this scene (attributes read from words).

@@ -97,6 +97,11 @@ pub fn check_text(part: &AnswerPart, text: &str) -> PartScore {
             ok: text.trim() == want,
             attributes: None,
         },
+        Check::FinalValue(want) => PartScore {
+            domain,
+            ok: final_number(text) == Some(*want),
+            attributes: None,
+        },
         Check::ProgramValue(want) => PartScore {
             domain,
             ok: run(text).ok() == Some(*want),
@@ -112,6 +117,11 @@ pub fn check_text(part: &AnswerPart, text: &str) -> PartScore {
         }
         Check::Image(_) => missing(part),
     }
+}
+
+/// The number a worked answer ends in: what follows its last '=' or space.
+fn final_number(text: &str) -> Option<i64> {
+    text.trim().rsplit(['=', ' ']).next()?.parse().ok()
 }
 
 fn check_image(part: &AnswerPart, img: &RgbImage) -> PartScore {

@@ -22,14 +22,14 @@ pub const DESCRIBE_PROMPT: &str = "describe the image";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MixedKind {
     /// "write code to compute 17*3 and give the result"
-    /// -> "let a = 17; let b = 3; print a * b ; result 51"
+    /// -> "let a = 17; let b = 3; print a * b ; result 17*3=51"
     CodeAndResult,
     /// "draw a red circle and tell me how many sides a square has"
     /// -> image, "a square has 4 sides"
     DrawAndSides,
-    /// "draw a red circle and compute 12+7" -> image, "19"
+    /// "draw a red circle and compute 12+7" -> image, "12+7=19"
     DrawAndCompute,
-    /// image + "describe the image and compute 12+7" -> "<caption> ; result 19"
+    /// image + "describe the image and compute 12+7" -> "<caption> ; result 12+7=19"
     DescribeAndCompute,
 }
 
@@ -59,7 +59,7 @@ pub fn sample_any<R: Rng + ?Sized>(rng: &mut R, split: Split) -> TextExample {
     sample(rng, task, split)
 }
 
-/// "what is (12+7)*3?" -> "57"
+/// "what is (12+7)*3?" -> "12+7=19, 19*3=57"
 pub fn sample_arithmetic<R: Rng + ?Sized>(rng: &mut R, split: Split) -> TextExample {
     let (expr, value) = expression(rng, split);
     TextExample {
@@ -68,7 +68,7 @@ pub fn sample_arithmetic<R: Rng + ?Sized>(rng: &mut R, split: Split) -> TextExam
             Domain::Arithmetic,
             format!("what is {}?", expr.compact()),
         )],
-        answer: vec![exact(Domain::Arithmetic, value.to_string())],
+        answer: vec![worked(&expr, value)],
     }
 }
 
@@ -133,7 +133,7 @@ pub fn sample_mixed_kind<R: Rng + ?Sized>(
                     ),
                     Segment::text(Domain::Arithmetic, " and give the result"),
                 ],
-                vec![program(&expr, value), result(value)],
+                vec![program(&expr, value), result(&expr, value)],
             )
         }
         MixedKind::DrawAndSides => {
@@ -167,7 +167,7 @@ pub fn sample_mixed_kind<R: Rng + ?Sized>(
                         format!(" and compute {}", expr.compact()),
                     ),
                 ],
-                vec![image(&scene), exact(Domain::Arithmetic, value.to_string())],
+                vec![image(&scene), worked(&expr, value)],
             )
         }
         MixedKind::DescribeAndCompute => {
@@ -182,7 +182,7 @@ pub fn sample_mixed_kind<R: Rng + ?Sized>(
                         format!(" and compute {}", expr.compact()),
                     ),
                 ],
-                vec![caption(&scene), result(value)],
+                vec![caption(&scene), result(&expr, value)],
             )
         }
     };
@@ -290,15 +290,28 @@ fn program(expr: &Expr, value: i64) -> AnswerPart {
     }
 }
 
-/// " ; result 51": the arithmetic part that follows a text part.
-fn result(value: i64) -> AnswerPart {
+/// "12+7=19, 19*3=57": the worked answer, judged by its last number.
+fn worked(expr: &Expr, value: i64) -> AnswerPart {
+    AnswerPart {
+        segment: Segment::text(Domain::Arithmetic, worked_text(expr, value)),
+        check: Check::FinalValue(value),
+    }
+}
+
+/// " ; result 17*3=51": the arithmetic part that follows a text part.
+fn result(expr: &Expr, value: i64) -> AnswerPart {
     AnswerPart {
         segment: Segment::text(
             Domain::Arithmetic,
-            format!("{PART_SEPARATOR}result {value}"),
+            format!("{PART_SEPARATOR}result {}", worked_text(expr, value)),
         ),
-        check: Check::Exact(format!("result {value}")),
+        check: Check::FinalValue(value),
     }
+}
+
+fn worked_text(expr: &Expr, value: i64) -> String {
+    // Generated expressions evaluate (`expression` checked), so this holds.
+    expr.worked().unwrap_or_else(|_| value.to_string())
 }
 
 fn caption(scene: &Scene) -> AnswerPart {
