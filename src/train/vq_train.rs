@@ -24,6 +24,8 @@
 mod checkpoint;
 mod optim;
 mod shards;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 
@@ -289,17 +291,8 @@ impl VqTrainer {
 
     /// One optimisation step on `images`, then the dead-code check.
     pub fn train_step(&mut self, images: &Tensor) -> Result<StepStats> {
-        let (warm, decay) = (self.tcfg.warmup_steps, self.tcfg.decay_steps);
-        let peak = self.tcfg.learning_rate;
-        let lr = if warm > 0 && self.step < warm {
-            peak * (self.step + 1) as f64 / warm as f64
-        } else if decay > warm {
-            let t = ((self.step - warm) as f64 / (decay - warm) as f64).min(1.0);
-            peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
-        } else {
-            peak
-        };
-        self.opt.set_learning_rate(lr);
+        self.opt
+            .set_learning_rate(learning_rate_at(&self.tcfg, self.step));
         if self.step == 0 && self.tcfg.restart_every > 0 {
             // Data-dependent codebook init: taming's U(-1/n, 1/n) entries sit
             // far from the encoder's outputs, so start every code on one.
@@ -417,6 +410,19 @@ impl VqTrainer {
 }
 
 /// Every variable of `varmap` with its name.
+/// Linear warm-up, then constant or a cosine decay to a tenth.
+fn learning_rate_at(tcfg: &VqTrainConfig, step: u64) -> f64 {
+    let (warm, decay, peak) = (tcfg.warmup_steps, tcfg.decay_steps, tcfg.learning_rate);
+    if warm > 0 && step < warm {
+        peak * (step + 1) as f64 / warm as f64
+    } else if decay > warm {
+        let t = ((step - warm) as f64 / (decay - warm) as f64).min(1.0);
+        peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+    } else {
+        peak
+    }
+}
+
 /// Per-pixel loss weights (B, 1, R, R): `1 + extra` where a pixel differs
 /// from its image's top-left pixel, 1 elsewhere. Built from the inputs, so
 /// no gradient flows through it.
