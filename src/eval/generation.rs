@@ -32,6 +32,8 @@ pub struct GenRequest {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decoding {
     pub image_temperature: f32,
+    /// Classifier-free guidance of image codes (1 = off).
+    pub cfg_scale: f32,
     pub seed: u64,
 }
 
@@ -49,7 +51,7 @@ impl Decoding {
             max_tokens,
             text: SamplingParams::greedy(),
             image,
-            cfg_scale: 1.0,
+            cfg_scale: self.cfg_scale,
             seed: self.seed.wrapping_add(index as u64),
             stop_at_eos: true,
         }

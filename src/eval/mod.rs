@@ -68,6 +68,10 @@ pub struct EvalArgs {
     /// Sample image codes at this temperature (top-k 100) instead of greedily.
     #[arg(long, default_value_t = 0.0)]
     pub image_temperature: f32,
+    /// Classifier-free guidance for image codes (the service's `cfg_scale`;
+    /// 1 = off): each picture also runs an unconditional twin.
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg_scale: f32,
     /// One JSON object (report and targets) instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +103,7 @@ impl EvalArgs {
             seed: 0,
             modes: RoutingMode::ALL.to_vec(),
             image_temperature: 0.0,
+            cfg_scale: 1.0,
             json: false,
             out: None,
             save_images: None,
@@ -117,6 +122,12 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
         bail!(
             "--image-temperature must be >= 0. Given: {}",
             args.image_temperature
+        );
+    }
+    if !(args.cfg_scale.is_finite() && args.cfg_scale >= 1.0) {
+        bail!(
+            "--cfg-scale must be >= 1 (1 = off). Given: {}",
+            args.cfg_scale
         );
     }
     let start = Instant::now();
@@ -148,6 +159,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     let engine = model.start_engine(suite.items.len(), EVAL_BATCH)?;
     let decoding = Decoding {
         image_temperature: args.image_temperature,
+        cfg_scale: args.cfg_scale,
         seed: args.seed,
     };
     let mut modes = Vec::new();
@@ -175,6 +187,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
         n: args.n,
         seed: args.seed,
         image_temperature: args.image_temperature,
+        cfg_scale: args.cfg_scale,
         checker_ground_truth,
         vq,
         adapters,

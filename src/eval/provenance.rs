@@ -77,7 +77,8 @@ pub fn eval_page(command: &str, model_dir: &Path, wall_s: f64, tables: &str) -> 
          - machine: {} (CPU only)\n\
          - wall time: {wall_s:.0} s\n\n\
          Decoding is greedy (text and images) unless the command sets \
-         `--image-temperature`; every prompt is held out (test split by content key). \
+         `--image-temperature`, without classifier-free guidance unless it sets \
+         `--cfg-scale`; every prompt is held out (test split by content key). \
          `per_sequence` forces the adapters of the answer's first domain on the whole \
          request, as a per-sequence server would route it.\n\n{tables}",
         model_dir.display(),

@@ -35,6 +35,7 @@ pub struct EvalReport {
     pub n: usize,
     pub seed: u64,
     pub image_temperature: f32,
+    pub cfg_scale: f32,
     pub checker_ground_truth: AttributeTally,
     pub vq: Option<VqCheck>,
     pub adapters: Vec<AdapterVsBase>,
