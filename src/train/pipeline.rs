@@ -142,9 +142,9 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// The shipped demo model: ~45 minutes on this 2-core machine while
-    /// others share it (vq ~0.8 s/step, base ~0.75 s/step at ~1,100 tokens/s,
-    /// adapters ~1.2 s/step, gate ~0.4 s/step, measured with `--preset probe`).
+    /// The shipped demo model: 72 minutes on this 2-core machine (vq ~0.97
+    /// s/step, base ~0.84 s/step at ~1,000 tokens/s, adapters ~1.0-1.3
+    /// s/step, gate ~0.45 s/step; models/demo/train_log.json).
     pub fn demo() -> Self {
         let sched = |steps, lr, warmup| Schedule {
             steps,
