@@ -18,6 +18,14 @@ use molora::train::vq_train::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Pins candle's thread count for this process, as `molora` does for its
+/// subcommands: without `RAYON_NUM_THREADS` candle 0.11 parses
+/// /proc/cpuinfo on every CPU matmul, which doubled this file's run time.
+fn pin_threads() {
+    static PIN: std::sync::Once = std::sync::Once::new();
+    PIN.call_once(|| molora::dispatch::threading::pin_candle_threads(false));
+}
+
 /// 16x16 images, 4x4 = 16 codes, 8..16 channels.
 fn tiny_config() -> VqConfig {
     serde_json::from_str(
@@ -105,6 +113,7 @@ fn weights_of(varmap: &VarMap) -> HashMap<String, Vec<f32>> {
 
 #[test]
 fn encode_decode_shapes() {
+    pin_threads();
     let cfg = tiny_config();
     let trainer = VqTrainer::new(&cfg, &VqTrainConfig::new(1), &Device::Cpu).unwrap();
     let model = trainer.model();
@@ -133,6 +142,7 @@ fn encode_decode_shapes() {
 
 #[test]
 fn bad_inputs_are_refused() {
+    pin_threads();
     let cfg = tiny_config();
     let trainer = VqTrainer::new(&cfg, &VqTrainConfig::new(1), &Device::Cpu).unwrap();
     let model = trainer.model();
@@ -147,6 +157,7 @@ fn bad_inputs_are_refused() {
 
 #[test]
 fn rgb_pixels_round_trip() {
+    pin_threads();
     let img = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 50, y as u8 * 60, 255]));
     let t = rgb_to_tensor(std::slice::from_ref(&img), &Device::Cpu).unwrap();
     assert_eq!(t.dims(), &[1, 3, 4, 5]);
@@ -156,6 +167,7 @@ fn rgb_pixels_round_trip() {
 
 #[test]
 fn quantizer_picks_the_nearest_code() {
+    pin_threads();
     let cfg = tiny_config();
     let trainer = VqTrainer::new(&cfg, &VqTrainConfig::new(3), &Device::Cpu).unwrap();
     let q = trainer.model().quantizer();
@@ -197,6 +209,7 @@ fn quantizer_picks_the_nearest_code() {
 
 #[test]
 fn save_load_round_trip_is_exact() {
+    pin_threads();
     let cfg = tiny_config();
     let mut trainer = VqTrainer::new(&cfg, &VqTrainConfig::new(5), &Device::Cpu).unwrap();
     trainer.train_step(&rectangles(4, 16, 1)).unwrap();
@@ -223,6 +236,7 @@ fn edit_checkpoint(path: &Path, out: &Path, edit: impl FnOnce(&mut HashMap<Strin
 
 #[test]
 fn bad_checkpoints_name_the_tensor() {
+    pin_threads();
     let cfg = tiny_config();
     let trainer = VqTrainer::new(&cfg, &VqTrainConfig::new(5), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -294,6 +308,7 @@ fn bad_checkpoints_name_the_tensor() {
 
 #[test]
 fn every_variable_gets_a_gradient() {
+    pin_threads();
     let cfg = grad_config();
     let trainer = VqTrainer::new(&cfg, &VqTrainConfig::new(9), &Device::Cpu).unwrap();
     let (_, grads) = trainer.gradients(&rectangles(2, 8, 4)).unwrap();
@@ -361,6 +376,7 @@ fn check_input_gradient(f: &dyn Fn(&Tensor) -> Tensor, shape: (usize, usize, usi
 
 #[test]
 fn block_backward_matches_finite_differences() {
+    pin_threads();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
     let down = Downsample::new(4, vb.pp("down")).unwrap();
@@ -377,6 +393,7 @@ fn block_backward_matches_finite_differences() {
 /// central differences, in f64, for parameters spread over the network.
 #[test]
 fn model_backward_matches_finite_differences() {
+    pin_threads();
     let cfg = VqConfig {
         norm_num_groups: Some(4),
         ..tiny_config()
@@ -442,6 +459,7 @@ fn model_backward_matches_finite_differences() {
 
 #[test]
 fn training_reduces_reconstruction_loss() {
+    pin_threads();
     let cfg = tiny_config();
     let tcfg = VqTrainConfig {
         learning_rate: 3e-3,
@@ -480,6 +498,7 @@ fn training_reduces_reconstruction_loss() {
 /// at all.
 #[test]
 fn micro_batches_match_single_pass() {
+    pin_threads();
     let cfg = tiny_config();
     let images = drawn_rectangles(5, 16, 1, 77);
     let run = |threads, micro_batch| {
@@ -516,6 +535,7 @@ fn micro_batches_match_single_pass() {
 
 #[test]
 fn resume_continues_exactly() {
+    pin_threads();
     let cfg = tiny_config();
     let tcfg = VqTrainConfig {
         checkpoint_every: 4,
@@ -558,6 +578,7 @@ fn resume_continues_exactly() {
 
 #[test]
 fn demo_config_file_is_valid() {
+    pin_threads();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/vq_demo.json");
     let cfg = VqConfig::from_file(&path).unwrap();
     assert_eq!(cfg.resolution, 64);
@@ -582,6 +603,7 @@ fn timed(f: impl FnOnce()) -> (f64, f64) {
 #[test]
 #[ignore]
 fn measure_demo() {
+    pin_threads();
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/vq_demo.json");
     let path = std::env::var("VQ_CONFIG")
         .map(Into::into)
