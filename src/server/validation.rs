@@ -12,11 +12,9 @@
 //! fits the model's context; the parameters passed `GenerationParams::validate`;
 //! unless the request is `raw`, the answer separator follows the prompt.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use image::{ImageFormat, ImageReader, RgbImage};
 use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
@@ -27,13 +25,11 @@ use crate::engine::params::{GenerationParams, Limits};
 use crate::engine::types::{AdapterRequest, Priority, ValidRequest};
 use crate::model::config::VocabLayout;
 use crate::model::vq::VqModel;
+
+mod encoding;
 use crate::routing::mode::RoutingMode;
 use crate::train::data::encode::ANSWER_SEPARATOR;
 
-/// Largest side of an input picture we agree to decode (it is resized to
-/// the VQ resolution anyway); stops decompression bombs.
-const MAX_INPUT_IMAGE_SIDE: u32 = 4096;
-const MAX_INPUT_IMAGE_BYTES: u64 = 128 * 1024 * 1024;
 /// Given values quoted in messages are cut to this many characters.
 const QUOTE_CHARS: usize = 48;
 /// The fields of `GenerationParams`, as the `sampling` object spells them.
@@ -254,70 +250,6 @@ impl Validator {
             .min(self.max_context.saturating_sub(1))
     }
 
-    /// Pieces -> token ids (blocking: decodes PNGs, runs the VQ encoder).
-    pub fn encode(&self, pieces: &[PromptPiece]) -> Result<Vec<u32>, ApiError> {
-        let mut ids: Vec<u32> = self.vocab.bos.into_iter().collect();
-        for piece in pieces {
-            match piece {
-                PromptPiece::Text { field, text } => ids.extend(self.tokenize(field, text)?),
-                PromptPiece::Image { field, png } => ids.extend(self.encode_image(field, png)?),
-                PromptPiece::ImageStart { field } => ids.push(self.vocab.boi.ok_or_else(|| {
-                    ApiError::ImagesUnsupported(format!(
-                        "`{field}`: this model has no begin-of-image token"
-                    ))
-                })?),
-            }
-            if ids.len() > self.prompt_limit() {
-                return Err(self.too_long(ids.len()));
-            }
-        }
-        Ok(ids)
-    }
-
-    fn tokenize(&self, field: &str, text: &str) -> Result<Vec<u32>, ApiError> {
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ApiError::InvalidRequest(format!("`{field}` cannot be tokenized: {e}")))?;
-        let ids = enc.get_ids().to_vec();
-        let v = &self.vocab;
-        let reserved = [v.bos, v.eos, v.pad, v.boi, v.eoi];
-        if let Some(&bad) = ids
-            .iter()
-            .find(|&&id| reserved.contains(&Some(id)) || v.modality_of(id) != 0)
-        {
-            let name = self.tokenizer.id_to_token(bad).unwrap_or_default();
-            return Err(ApiError::InvalidRequest(format!(
-                "`{field}` contains the reserved token {name:?}; send images as image parts"
-            )));
-        }
-        Ok(ids)
-    }
-
-    fn encode_image(&self, field: &str, png: &[u8]) -> Result<Vec<u32>, ApiError> {
-        let (Some(vq), Some(boi), Some(eoi)) = (&self.vq, self.vocab.boi, self.vocab.eoi) else {
-            return Err(ApiError::ImagesUnsupported(
-                "this model cannot read images".into(),
-            ));
-        };
-        let rgb = decode_png(field, png)?;
-        let codes = vq
-            .encode_rgb(&rgb)
-            .map_err(|e| ApiError::Internal(format!("VQ encoding of `{field}` failed: {e:#}")))?;
-        if codes.len() != self.vocab.tokens_per_image {
-            return Err(ApiError::Internal(format!(
-                "the VQ model gives {} codes per image but the decoder expects {}",
-                codes.len(),
-                self.vocab.tokens_per_image
-            )));
-        }
-        let mut ids = Vec::with_capacity(codes.len() + 2);
-        ids.push(boi);
-        ids.extend(codes.into_iter().map(|c| self.vocab.image_token(c)));
-        ids.push(eoi);
-        Ok(ids)
-    }
-
     /// `routing_mode` by name; absent = single_pass.
     pub fn mode(&self, name: Option<&str>) -> Result<RoutingMode, ApiError> {
         match name {
@@ -463,21 +395,6 @@ fn decode_base64(field: &str, data: &str) -> Result<Vec<u8>, ApiError> {
     base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| ApiError::InvalidImage(format!("`{field}` is not valid base64: {e}")))
-}
-
-fn decode_png(field: &str, png: &[u8]) -> Result<RgbImage, ApiError> {
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_INPUT_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_INPUT_IMAGE_SIDE);
-    limits.max_alloc = Some(MAX_INPUT_IMAGE_BYTES);
-    let mut reader = ImageReader::with_format(Cursor::new(png), ImageFormat::Png);
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| {
-        ApiError::InvalidImage(format!(
-            "`{field}` is not a PNG image of at most {MAX_INPUT_IMAGE_SIDE}x{MAX_INPUT_IMAGE_SIDE} pixels: {e}"
-        ))
-    })?;
-    Ok(img.to_rgb8())
 }
 
 pub fn json_kind(v: &Value) -> &'static str {
