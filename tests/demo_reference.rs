@@ -12,7 +12,7 @@ mod reference_support;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use molora::model::config::Config;
 use molora::model::decoder::{BatchInput, Decoder};
 use molora::model::kv_cache::KvCache;
@@ -66,18 +66,14 @@ fn demo_vq_encoder_and_vocabulary_map_give_transformers_image_tokens() {
         .to_vec1()
         .unwrap();
     let vocab = cfg.vocab().unwrap();
-    let ours: Vec<i64> = codes
-        .iter()
-        .map(|&c| vocab.image_range().start as i64 + c as i64)
-        .collect();
-    let theirs: Vec<i64> = refs["image_tokens"].to_vec1().unwrap();
-    assert_eq!(ours, theirs);
+    let ours: Vec<u32> = codes.iter().map(|&c| vocab.image_token(c)).collect();
+    assert_eq!(ours, token_ids(&refs["image_tokens"]));
 }
 
 #[test]
 fn demo_decoder_logits_match_transformers() {
     let refs = reference("model_demo");
-    let ids: Vec<u32> = input_ids_of(&refs["input_ids"]);
+    let ids = token_ids(&refs["input_ids"]);
     let model = Decoder::load(&demo_dir(), &Device::Cpu).unwrap();
     let mut caches = vec![KvCache::new(model.config(), model.device()).unwrap()];
     let mut batch = BatchInput::default();
@@ -85,12 +81,4 @@ fn demo_decoder_logits_match_transformers() {
     let hidden = model.forward(&batch, &mut caches, None).unwrap();
     let logits = model.logits(&hidden).unwrap().to_dtype(DType::F32).unwrap();
     assert_close(&logits, &refs["logits"], "demo logits");
-}
-
-fn input_ids_of(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
 }

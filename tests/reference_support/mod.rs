@@ -28,13 +28,16 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
 pub fn input_ids(refs: &HashMap<String, Tensor>) -> Vec<Vec<u32>> {
     (0..)
         .map_while(|i| refs.get(&format!("input_ids_{i}")))
-        .map(|t| {
-            t.to_vec1::<i64>()
-                .unwrap()
-                .into_iter()
-                .map(|x| x as u32)
-                .collect()
-        })
+        .map(token_ids)
+        .collect()
+}
+
+/// A 1-D int64 tensor of token ids (torch's dtype for them) as u32.
+pub fn token_ids(t: &Tensor) -> Vec<u32> {
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
         .collect()
 }
 
