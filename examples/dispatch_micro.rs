@@ -3,9 +3,9 @@
 //! busy machine):
 //!
 //! 1. products `x[m,k]·w[n,k]ᵀ` under each forced schedule of
-//!    `cpu::matmul_t_with` (gemm straight into the row-major output on 1 and
+//!    `row_gemm::matmul_t_with` (gemm straight into the row-major output on 1 and
 //!    2 threads, through a column-major scratch, one gemv per row), the
-//!    schedule `cpu::matmul_t` picks, and candle's matmul;
+//!    schedule `row_gemm::matmul_t` picks, and candle's matmul;
 //! 2. the LoRA-shaped small products: gemm against a hand-written
 //!    chunked-dot loop, and gemm with the weights stored transposed
 //!    (`Aᵀ [in, r]`, `Bᵀ [r, out]`), the layout the hot set does not use today;
@@ -22,7 +22,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use gemm::Parallelism;
 use molora::dispatch::threading::Schedule;
-use molora::dispatch::{cpu, LoraTarget, SlotWeights};
+use molora::dispatch::{cpu, row_gemm, LoraTarget, SlotWeights};
 use molora::routing::plan::RoutingPlan;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -165,13 +165,14 @@ fn products_table(rng: &mut StdRng) -> candle_core::Result<()> {
         let mut out = vec![0f32; m * n];
         let (samples, iters) = budget(m * n * k);
         let time = |f: &mut dyn FnMut()| time_us(samples, iters, f);
-        let mut forced =
-            |schedule| time(&mut || cpu::matmul_t_with(schedule, &x, m, k, &w, n, &mut out, false));
+        let mut forced = |schedule| {
+            time(&mut || row_gemm::matmul_t_with(schedule, &x, m, k, &w, n, &mut out, false))
+        };
         let one = forced(Schedule::Direct { threads: 1 });
         let two = forced(Schedule::Direct { threads: 2 });
         let colmaj = forced(Schedule::ColumnMajor);
         let by_row = forced(Schedule::RowByRow);
-        let scheduled = time(&mut || cpu::matmul_t(&x, m, k, &w, n, &mut out, false));
+        let scheduled = time(&mut || row_gemm::matmul_t(&x, m, k, &w, n, &mut out, false));
         let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?;
         let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)?.t()?;
         let candle = time(&mut || {
@@ -215,7 +216,7 @@ fn lora_products_table(rng: &mut StdRng) {
         let mut out = vec![0f32; m * n];
         let (samples, iters) = budget(m * n * k);
         let g = time_us(samples, iters, || {
-            cpu::matmul_t_with(
+            row_gemm::matmul_t_with(
                 Schedule::Direct { threads: 1 },
                 &x,
                 m,

@@ -8,12 +8,14 @@
 //!   thread count chosen by problem size; no per-op overhead);
 //! - `generic`: the same algorithm in candle tensor ops, for any device;
 //! - `reference`: a naive dense per-token loop, for tests only;
+//! - `row_gemm`: the gemm call the CPU kernels share, with its schedules;
 //! - `half_weights`: base weights stored in f16, computed in f32 (CPU).
 
 pub mod cpu;
 pub mod generic;
 pub mod half_weights;
 pub mod reference;
+pub mod row_gemm;
 pub mod threading;
 
 #[cfg(test)]

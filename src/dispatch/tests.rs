@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::threading::Schedule;
-use super::{cpu, generic, reference, LoraTarget, SlotWeights};
+use super::{cpu, generic, reference, row_gemm, LoraTarget, SlotWeights};
 use crate::adapters::SlotId;
 use crate::routing::plan::RoutingPlan;
 
@@ -418,14 +418,14 @@ fn matmul_t_matches_naive_loop_and_accumulates() {
             })
             .collect();
         let mut out = vec![f32::NAN; m * n];
-        cpu::matmul_t(&x, m, k, &w, n, &mut out, false);
+        row_gemm::matmul_t(&x, m, k, &w, n, &mut out, false);
         let diff = out
             .iter()
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(diff <= 1e-4, "{m}x{n}x{k}: {diff}");
-        cpu::matmul_t(&x, m, k, &w, n, &mut out, true);
+        row_gemm::matmul_t(&x, m, k, &w, n, &mut out, true);
         let diff = out
             .iter()
             .zip(&want)
@@ -450,7 +450,7 @@ fn every_forced_schedule_gives_the_same_product() {
         let w = uniform(&mut rng, n * k, 1.0);
         let bias = uniform(&mut rng, m * n, 1.0);
         let mut want = bias.clone();
-        cpu::matmul_t_with(
+        row_gemm::matmul_t_with(
             Schedule::Direct { threads: 1 },
             &x,
             m,
@@ -462,7 +462,7 @@ fn every_forced_schedule_gives_the_same_product() {
         );
         for schedule in schedules {
             let mut out = bias.clone();
-            cpu::matmul_t_with(schedule, &x, m, k, &w, n, &mut out, true);
+            row_gemm::matmul_t_with(schedule, &x, m, k, &w, n, &mut out, true);
             let diff = out
                 .iter()
                 .zip(&want)
@@ -470,7 +470,7 @@ fn every_forced_schedule_gives_the_same_product() {
                 .fold(0.0, f32::max);
             assert!(diff <= 1e-4, "{schedule:?} {m}x{n}x{k}: {diff}");
             let mut fresh = vec![f32::NAN; m * n];
-            cpu::matmul_t_with(schedule, &x, m, k, &w, n, &mut fresh, false);
+            row_gemm::matmul_t_with(schedule, &x, m, k, &w, n, &mut fresh, false);
             let diff = fresh
                 .iter()
                 .zip(want.iter().zip(&bias))
