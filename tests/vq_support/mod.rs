@@ -1,0 +1,104 @@
+//! Helpers of the VQ tests (tests/vq.rs, tests/vq_train.rs): tiny
+//! configurations, drawn test images and tensor comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use molora::model::vq::VqConfig;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Pins candle's thread count for this process, as `molora` does for its
+/// subcommands: without `RAYON_NUM_THREADS` candle 0.11 parses
+/// /proc/cpuinfo on every CPU matmul, which doubled this file's run time.
+pub fn pin_threads() {
+    static PIN: std::sync::Once = std::sync::Once::new();
+    PIN.call_once(|| molora::dispatch::threading::pin_candle_threads(false));
+}
+
+/// 16x16 images, 4x4 = 16 codes, 8..16 channels.
+pub fn tiny_config() -> VqConfig {
+    serde_json::from_str(
+        r#"{"embed_dim": 8, "num_embeddings": 32, "latent_channels": 8, "resolution": 16,
+            "in_channels": 3, "base_channels": 8, "channel_multiplier": [1, 2, 2],
+            "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
+            "attn_type": "vanilla", "norm_num_groups": 4}"#,
+    )
+    .unwrap()
+}
+
+/// Channel counts that are multiples of 32 (taming's 32 groups, two or more
+/// channels per group), so that every bias has a non-trivial gradient.
+pub fn grad_config() -> VqConfig {
+    VqConfig {
+        resolution: 8,
+        base_channels: 64,
+        channel_multiplier: vec![1, 1],
+        attn_resolutions: Some(vec![8, 4]),
+        norm_num_groups: None,
+        ..tiny_config()
+    }
+}
+
+/// `n` images of `side` pixels: a background colour and one or two
+/// axis-aligned rectangles of other colours, in [-1, 1].
+pub fn rectangles(n: usize, side: usize, seed: u64) -> Tensor {
+    drawn_rectangles(n, side, 1, seed)
+}
+
+/// Like [`rectangles`], with edges on multiples of `align` pixels.
+pub fn drawn_rectangles(n: usize, side: usize, align: usize, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let palette: [[f32; 3]; 6] = [
+        [1.0, -1.0, -1.0],
+        [-1.0, 1.0, -1.0],
+        [-1.0, -1.0, 1.0],
+        [1.0, 1.0, -1.0],
+        [1.0, 1.0, 1.0],
+        [-1.0, -1.0, -1.0],
+    ];
+    let mut data = vec![0f32; n * 3 * side * side];
+    for i in 0..n {
+        let bg = palette[rng.random_range(0..palette.len())];
+        let img = &mut data[i * 3 * side * side..(i + 1) * 3 * side * side];
+        for c in 0..3 {
+            img[c * side * side..(c + 1) * side * side].fill(bg[c]);
+        }
+        for _ in 0..rng.random_range(1..=2) {
+            let colour = palette[rng.random_range(0..palette.len())];
+            let cells = side / align;
+            let (w, h) = (
+                rng.random_range(1..=cells / 2),
+                rng.random_range(1..=cells / 2),
+            );
+            let (x0, y0) = (
+                rng.random_range(0..=cells - w),
+                rng.random_range(0..=cells - h),
+            );
+            let (w, h, x0, y0) = (w * align, h * align, x0 * align, y0 * align);
+            for c in 0..3 {
+                for y in y0..y0 + h {
+                    for x in x0..x0 + w {
+                        img[c * side * side + y * side + x] = colour[c];
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (n, 3, side, side), &Device::Cpu).unwrap()
+}
+
+pub fn tensors_equal(a: &Tensor, b: &Tensor) -> bool {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    a == b
+}
+
+pub fn weights_of(varmap: &VarMap) -> HashMap<String, Vec<f32>> {
+    let data = varmap.data().lock().unwrap();
+    data.iter()
+        .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
