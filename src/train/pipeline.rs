@@ -83,12 +83,13 @@ pub fn mixture_for(stage: &str) -> Mixture {
             (1.0, m(DrawAndSides)),
             (1.0, m(DescribeAndCompute)),
         ],
-        // base, text, gate: everything
+        // base, text, gate: everything. Drawing weighs most: the base's
+        // loss on image codes is what limits the drawn pictures.
         _ => vec![
             (4.0, t(Task::Arithmetic)),
-            (3.0, t(Task::Code)),
+            (2.0, t(Task::Code)),
             (2.0, t(Task::Caption)),
-            (3.0, t(Task::Draw)),
+            (4.0, t(Task::Draw)),
             (1.0, m(CodeAndResult)),
             (1.0, m(DrawAndSides)),
             (1.0, m(DrawAndCompute)),
@@ -159,7 +160,7 @@ impl PipelineConfig {
             corpus_items: 4000,
             vq: serde_json::from_str(include_str!("../../configs/vq_demo_small.json"))
                 .expect("configs/vq_demo_small.json is a valid VQ config"),
-            vq_steps: 1500,
+            vq_steps: 1000,
             vq_batch: 16,
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
@@ -174,7 +175,7 @@ impl PipelineConfig {
             batch_len: 256,
             base_prompt_weight: 0.3,
             adapter_prompt_weight: 0.1,
-            base: sched(2000, 1.5e-3, 100),
+            base: sched(2800, 1.5e-3, 100),
             adapter: sched(120, 2e-3, 10),
             semantic_adapter: sched(250, 2e-3, 10),
             gate: sched(120, 3e-3, 10),

@@ -132,16 +132,19 @@ impl Expr {
     }
 
     /// The worked answer: every operation on two numbers, innermost first,
-    /// as "12+7=19, 19*3=57"; the last number is the value. A tiny decoder
-    /// gets one small sum or product per step instead of the whole
-    /// expression in its head.
+    /// worked in digit columns from the units up ([`columns`]):
+    /// "12+7: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=5 so 57"; the last
+    /// number is the value. Each step a tiny decoder takes is one
+    /// single-digit fact plus a carry, the digits it needs sit next to it,
+    /// and no digit depends on digits not yet written (written
+    /// most-significant first, "68+34=102" needs the carry before the "1").
     pub fn worked(&self) -> Result<String> {
         let mut steps = Vec::new();
         let value = self.work(&mut steps)?;
         if steps.is_empty() {
             return Ok(value.to_string());
         }
-        Ok(steps.join(", "))
+        Ok(steps.join(". "))
     }
 
     fn work(&self, steps: &mut Vec<String>) -> Result<i64> {
@@ -151,7 +154,11 @@ impl Expr {
                 let value = op
                     .apply(x, y)
                     .ok_or_else(|| anyhow!("integer overflow in {x} {} {y}", op.symbol()))?;
-                steps.push(format!("{x}{}{y}={value}", op.symbol()));
+                steps.push(format!(
+                    "{x}{}{y}: {} so {value}",
+                    op.symbol(),
+                    columns(*op, x, y)?
+                ));
                 Ok(value)
             }
             other => other.value(),
@@ -196,6 +203,74 @@ impl Expr {
             Expr::Bin(op, a, b) => Expr::bin(*op, a.rename(names, next)?, b.rename(names, next)?),
         })
     }
+}
+
+/// The digit columns of `x op y`, units first, as "8+4=12, 6+3+1=10".
+/// Sums carry into the next column ("+1"); differences borrow, shown as the
+/// borrowing column's top digit plus ten and the next top digit less one
+/// ("71-49": "11-9=2, 6-4=2"); products have one one-digit factor `k` and
+/// carry whole tens ("19*3": "9*3=27, 1*3+2=5"). A shorter operand's
+/// missing digits are written as 0 so that every column has one shape.
+pub fn columns(op: Op, x: i64, y: i64) -> Result<String> {
+    let digits = |n: i64| -> Vec<i64> {
+        n.to_string()
+            .bytes()
+            .rev()
+            .map(|b| i64::from(b - b'0'))
+            .collect()
+    };
+    if x < 0 || y < 0 {
+        bail!("worked columns need non-negative operands, got {x} and {y}");
+    }
+    let mut cols = Vec::new();
+    match op {
+        Op::Add | Op::Sub => {
+            if op == Op::Sub && x < y {
+                bail!("worked columns need {x}-{y} to be non-negative");
+            }
+            let (a, b) = (digits(x), digits(y));
+            let mut carry = 0;
+            for i in 0..a.len().max(b.len()) {
+                let (top, bottom) = (
+                    a.get(i).copied().unwrap_or(0),
+                    b.get(i).copied().unwrap_or(0),
+                );
+                cols.push(if op == Op::Add {
+                    let sum = top + bottom + carry;
+                    let text = match carry {
+                        0 => format!("{top}+{bottom}={sum}"),
+                        _ => format!("{top}+{bottom}+{carry}={sum}"),
+                    };
+                    carry = sum / 10;
+                    text
+                } else {
+                    let mut top = top - carry;
+                    carry = i64::from(top < bottom);
+                    top += 10 * carry;
+                    format!("{top}-{bottom}={}", top - bottom)
+                });
+            }
+        }
+        Op::Mul => {
+            let (n, k) = if y <= 9 {
+                (x, y)
+            } else if x <= 9 {
+                (y, x)
+            } else {
+                bail!("worked columns need a one-digit factor in {x}*{y}");
+            };
+            let mut carry = 0;
+            for d in digits(n) {
+                let product = d * k + carry;
+                cols.push(match carry {
+                    0 => format!("{d}*{k}={product}"),
+                    _ => format!("{d}*{k}+{carry}={product}"),
+                });
+                carry = product / 10;
+            }
+        }
+    }
+    Ok(cols.join(", "))
 }
 
 /// A random expression as described in the module doc.
@@ -284,16 +359,53 @@ mod tests {
     fn worked_answers_go_innermost_first_and_end_in_the_value() {
         let n = Expr::Num;
         let e = Expr::bin(Op::Mul, Expr::bin(Op::Add, n(12), n(7)), n(3));
-        assert_eq!(e.worked().unwrap(), "12+7=19, 19*3=57");
+        assert_eq!(
+            e.worked().unwrap(),
+            "12+7: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=5 so 57"
+        );
         let e = Expr::bin(Op::Add, n(12), Expr::bin(Op::Mul, n(7), n(3)));
-        assert_eq!(e.worked().unwrap(), "7*3=21, 12+21=33");
+        assert_eq!(
+            e.worked().unwrap(),
+            "7*3: 7*3=21 so 21. 12+21: 2+1=3, 1+2=3 so 33"
+        );
         assert_eq!(n(5).worked().unwrap(), "5");
         let mut rng = StdRng::seed_from_u64(4);
         for _ in 0..500 {
             let e = random_expr(&mut rng);
             let worked = e.worked().unwrap();
-            let last = worked.rsplit('=').next().unwrap();
+            let last = worked.rsplit(' ').next().unwrap();
             assert_eq!(last.parse::<i64>().unwrap(), e.value().unwrap(), "{worked}");
+        }
+    }
+
+    #[test]
+    fn columns_carry_and_borrow_from_the_units_up() {
+        assert_eq!(columns(Op::Add, 68, 34).unwrap(), "8+4=12, 6+3+1=10");
+        assert_eq!(columns(Op::Add, 19, 7).unwrap(), "9+7=16, 1+0+1=2");
+        assert_eq!(columns(Op::Sub, 71, 49).unwrap(), "11-9=2, 6-4=2");
+        assert_eq!(columns(Op::Sub, 100, 1).unwrap(), "10-1=9, 9-0=9, 0-0=0");
+        assert_eq!(columns(Op::Mul, 3, 19).unwrap(), "9*3=27, 1*3+2=5");
+        assert_eq!(columns(Op::Mul, 7, 3).unwrap(), "7*3=21");
+        assert!(columns(Op::Sub, 3, 4).is_err());
+        assert!(columns(Op::Mul, 12, 34).is_err());
+        // Every column's digits recompose the value.
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..2000 {
+            let e = random_expr(&mut rng);
+            if let Expr::Bin(op, a, b) = &e {
+                let (x, y) = (a.value().unwrap(), b.value().unwrap());
+                let text = columns(*op, x, y).unwrap();
+                let results: Vec<i64> = text
+                    .split(", ")
+                    .map(|c| c.rsplit('=').next().unwrap().parse().unwrap())
+                    .collect();
+                let (last, rest) = results.split_last().unwrap();
+                let mut value = *last;
+                for r in rest.iter().rev() {
+                    value = value * 10 + r % 10;
+                }
+                assert_eq!(value, e.value().unwrap(), "{} -> {text}", e.compact());
+            }
         }
     }
 

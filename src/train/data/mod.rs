@@ -125,7 +125,7 @@ pub enum Check {
     /// The produced text, trimmed, must equal this.
     Exact(String),
     /// The produced text's last number must be this value: worked answers
-    /// ("12+7=19, 19*3=57", "result 12+7=19") end in it.
+    /// ("... so 57", "result 12+7: ... so 19") end in it.
     FinalValue(i64),
     /// The produced text must be a program that runs and prints this value.
     ProgramValue(i64),
