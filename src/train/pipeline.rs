@@ -143,9 +143,11 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// The shipped demo model: 72 minutes on this 2-core machine (vq ~0.97
-    /// s/step, base ~0.84 s/step at ~1,000 tokens/s, adapters ~1.0-1.3
-    /// s/step, gate ~0.45 s/step; models/demo/train_log.json).
+    /// The shipped demo model: 73 minutes on this 2-core machine (vq ~0.9
+    /// s/step, base ~0.82 s/step at ~1,000 tokens/s, adapters ~1.0-1.3
+    /// s/step, gate ~0.46 s/step; models/demo/train_log.json). The VQ's
+    /// 1,000 steps read back 74% of colours; the base gets the rest, as its
+    /// loss on image codes limits the pictures.
     pub fn demo() -> Self {
         let sched = |steps, lr, warmup| Schedule {
             steps,
