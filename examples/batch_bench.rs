@@ -84,7 +84,7 @@ fn demo_model(dir: &Path) -> Result<()> {
 
 fn item_body(i: usize, mode: &str, text_tokens: usize, tokens_per_image: usize) -> Value {
     let sampling = json!({"seed": i, "stop_at_eos": false});
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         json!({"prompt": format!("what is {} + {}?\n", i % 97, i % 89), "max_tokens": text_tokens,
                "routing_mode": mode, "sampling": sampling})
     } else {

@@ -60,7 +60,7 @@ fn main() -> Result<()> {
                 let images: Vec<_> = (0..batch)
                     .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
                     .collect();
-                Ok(rgb_to_tensor(&images, &device)?)
+                rgb_to_tensor(&images, &device)
             },
             None,
             |s| {

@@ -48,6 +48,7 @@ thread_local! {
 ///
 /// # Panics
 /// If a slice is shorter than its shape says.
+#[allow(clippy::too_many_arguments)]
 pub fn product(
     x: &[f32],
     m: usize,

@@ -208,10 +208,8 @@ mod tests {
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
-        let mut next = 261;
-        for (a, b) in &merges {
-            vocab.insert(format!("{a}{b}"), next);
-            next += 1;
+        for (id, (a, b)) in (261..).zip(&merges) {
+            vocab.insert(format!("{a}{b}"), id);
         }
         with_specials_and_images(&mut vocab);
         let bpe = BPE::builder()

@@ -207,7 +207,9 @@ impl Outbox {
     }
 
     /// Queues work behind this sequence's earlier jobs; gives it back when
-    /// there is no render thread (or it has stopped).
+    /// there is no render thread (or it has stopped), for the caller to run
+    /// inline. (Returned by value: boxing would allocate on every event.)
+    #[allow(clippy::result_large_err)]
     fn enqueue(&self, work: Work) -> Result<(), Work> {
         let Some(jobs) = &self.jobs else {
             return Err(work);

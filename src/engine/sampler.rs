@@ -75,6 +75,8 @@ impl Sampler {
         let no_candidate = SamplingError::NoCandidate {
             vocab: logits.len(),
         };
+        // Written so that a NaN temperature is greedy too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(params.temperature > 0.0) {
             return argmax(logits).ok_or(no_candidate);
         }

@@ -26,6 +26,7 @@ pub struct TrainLora {
 impl TrainLora {
     /// A fresh trainable adapter on every projection of every layer; its
     /// variables live in `varmap`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new_trainable(
         name: &str,
         role: AdapterRole,

@@ -100,7 +100,7 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
                     crate::model::vq::pixels::fit_square(&img, side)
                 })
                 .collect();
-            Ok(rgb_to_tensor(&images, device)?)
+            rgb_to_tensor(&images, device)
         },
         Some(&dir),
         |s| {

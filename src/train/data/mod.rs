@@ -206,7 +206,7 @@ pub fn in_test_bucket(key: &str) -> bool {
     hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     hash ^= hash >> 31;
-    hash % TEST_BUCKET_MODULUS == 0
+    hash.is_multiple_of(TEST_BUCKET_MODULUS)
 }
 
 /// Whether an item whose content key is `key` (and that has no scene) belongs
