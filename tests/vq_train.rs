@@ -18,6 +18,16 @@ use molora::train::vq_train::{
 
 mod vq_support;
 use vq_support::*;
+/// The largest absolute value of a tensor.
+fn abs_max(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn every_variable_gets_a_gradient() {
     pin_threads();
@@ -30,20 +40,7 @@ fn every_variable_gets_a_gradient() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let max = g
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = var
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (max, scale) = (abs_max(g), abs_max(var.as_tensor()));
         if name.ends_with(".k.bias") {
             // Softmax is shift-invariant along the keys: the key bias adds
             // q.b to every score of a row, so its gradient is zero in exact
