@@ -354,4 +354,18 @@ fn a_model_without_vq_gets_na_picture_rows() {
         tables.contains("| arithmetic exact match | 0.0% | 2 |"),
         "{tables}"
     );
+    // The rows by operator count split the same items (the first mode's).
+    let posed = |label: &str| -> usize {
+        tables
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label} |")))
+            .and_then(|l| l.split('|').nth(3))
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        posed("arithmetic: one operation") + posed("arithmetic: two operations"),
+        2,
+        "{tables}"
+    );
 }

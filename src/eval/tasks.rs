@@ -157,6 +157,8 @@ pub struct TaskScores {
     pub exact: BTreeMap<String, (usize, usize)>,
     /// (exactly right, posed) per mixed kind.
     pub mixed: BTreeMap<String, (usize, usize)>,
+    /// (exactly right, posed) arithmetic by operator count (1 or 2).
+    pub arithmetic_by_ops: BTreeMap<usize, (usize, usize)>,
     /// Requests the engine refused or failed, and the first reason.
     pub failed: usize,
     pub first_failure: Option<String>,
@@ -241,6 +243,14 @@ pub fn run_suite(
         }
         tally.0 += s.exact as usize;
         tally.1 += 1;
+        if task == Task::Arithmetic {
+            let tally = scores
+                .arithmetic_by_ops
+                .entry(operator_count(&item.example))
+                .or_default();
+            tally.0 += s.exact as usize;
+            tally.1 += 1;
+        }
         if let Some(kind) = item.kind {
             let tally = scores
                 .mixed
@@ -265,6 +275,18 @@ pub fn run_suite(
     }
     scores.wall_s = start.elapsed().as_secs_f64();
     Ok(scores)
+}
+
+/// Operators in an example's prompt text ("what is (12+7)*3?" has 2).
+pub fn operator_count(example: &TextExample) -> usize {
+    example
+        .prompt
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Text { text, .. } => Some(text.chars().filter(|c| "+-*".contains(*c)).count()),
+            _ => None,
+        })
+        .sum()
 }
 
 /// One item as a line: the prompt's text, what was produced, the verdict.
@@ -312,4 +334,23 @@ fn show(row: &str, item: &Item, produced: &[Produced], exact: bool) -> String {
         output.join(" | "),
         if exact { "right" } else { "wrong" }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::data::text_domains::sample_arithmetic;
+
+    #[test]
+    fn operator_count_reads_the_prompt() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut seen = [0; 3];
+        for _ in 0..200 {
+            let ex = sample_arithmetic(&mut rng, Split::Test);
+            let n = operator_count(&ex);
+            assert!((1..=2).contains(&n), "{ex:?}");
+            seen[n] += 1;
+        }
+        assert!(seen[1] > 0 && seen[2] > 0, "{seen:?}");
+    }
 }
