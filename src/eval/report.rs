@@ -158,7 +158,10 @@ pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
         n,
         "≥ 90% (single_pass)",
     ));
-    for (ops, label) in [(1, "arithmetic: one operation"), (2, "arithmetic: two operations")] {
+    for (ops, label) in [
+        (1, "arithmetic: one operation"),
+        (2, "arithmetic: two operations"),
+    ] {
         let (h, n) = t.arithmetic_by_ops.get(&ops).copied().unwrap_or((0, 0));
         rows.push(Row::rate(label, h, n, ""));
     }
