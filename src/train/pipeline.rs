@@ -177,7 +177,7 @@ impl PipelineConfig {
             batch_len: 256,
             base_prompt_weight: 0.3,
             adapter_prompt_weight: 0.1,
-            base: sched(2800, 1.5e-3, 100),
+            base: sched(3200, 1.5e-3, 100),
             adapter: sched(120, 2e-3, 10),
             semantic_adapter: sched(250, 2e-3, 10),
             gate: sched(120, 3e-3, 10),

@@ -133,18 +133,43 @@ impl Expr {
 
     /// The worked answer: every operation on two numbers, innermost first,
     /// worked in digit columns from the units up ([`columns`]):
-    /// "12+7: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=5 so 57"; the last
-    /// number is the value. Each step a tiny decoder takes is one
+    /// "12+7 then *3: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=5 so 57";
+    /// the last number is the value. Each step a tiny decoder takes is one
     /// single-digit fact plus a carry, the digits it needs sit next to it,
     /// and no digit depends on digits not yet written (written
     /// most-significant first, "68+34=102" needs the carry before the "1").
+    ///
+    /// The first step names what the second does to its result ("then
+    /// *3", "then 12+"): copied while the model reads the expression in
+    /// order, so that the second step copies it from the answer instead of
+    /// finding the outer operator in the prompt, which the session-5 model
+    /// got wrong in most of its two-operator misses ("(75+23)-33" went on
+    /// with "98*3").
     pub fn worked(&self) -> Result<String> {
         let mut steps = Vec::new();
         let value = self.work(&mut steps)?;
         if steps.is_empty() {
             return Ok(value.to_string());
         }
+        if let (Some(rest), Some(first)) = (self.outer_rest(), steps.first_mut()) {
+            let colon = first.find(':').unwrap_or(first.len());
+            first.insert_str(colon, &format!(" then {rest}"));
+        }
         Ok(steps.join(". "))
+    }
+
+    /// What the outermost operation does to a nested result: "*3" for
+    /// `(12+7)*3`, "12+" for `12+7*3`; `None` unless exactly one side is
+    /// a number and the other an operation.
+    fn outer_rest(&self) -> Option<String> {
+        let Expr::Bin(op, a, b) = self else {
+            return None;
+        };
+        match (&**a, &**b) {
+            (Expr::Bin(..), Expr::Num(n)) => Some(format!("{}{n}", op.symbol())),
+            (Expr::Num(n), Expr::Bin(..)) => Some(format!("{n}{}", op.symbol())),
+            _ => None,
+        }
     }
 
     fn work(&self, steps: &mut Vec<String>) -> Result<i64> {
@@ -361,12 +386,12 @@ mod tests {
         let e = Expr::bin(Op::Mul, Expr::bin(Op::Add, n(12), n(7)), n(3));
         assert_eq!(
             e.worked().unwrap(),
-            "12+7: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=5 so 57"
+            "12+7 then *3: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=5 so 57"
         );
         let e = Expr::bin(Op::Add, n(12), Expr::bin(Op::Mul, n(7), n(3)));
         assert_eq!(
             e.worked().unwrap(),
-            "7*3: 7*3=21 so 21. 12+21: 2+1=3, 1+2=3 so 33"
+            "7*3 then 12+: 7*3=21 so 21. 12+21: 2+1=3, 1+2=3 so 33"
         );
         assert_eq!(n(5).worked().unwrap(), "5");
         let mut rng = StdRng::seed_from_u64(4);
