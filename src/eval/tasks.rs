@@ -27,6 +27,7 @@ use super::generation::{generate, produced, Decoding, GenRequest};
 use super::model::EvalModel;
 use crate::engine::{AdapterRequest, EngineHandle};
 use crate::routing::mode::RoutingMode;
+use crate::train::data::arith::Op;
 use crate::train::data::checker::AttributeTally;
 use crate::train::data::scoring::{score, Produced};
 use crate::train::data::text_domains::{sample, sample_mixed_kind, MixedKind};
@@ -241,23 +242,14 @@ pub fn run_suite(
         if tally.1 < SHOWN_PER_ROW {
             scores.shown.push(show(key, item, &produced, s.exact));
         }
-        tally.0 += s.exact as usize;
-        tally.1 += 1;
+        count(tally, s.exact);
         if task == Task::Arithmetic {
-            let tally = scores
-                .arithmetic_by_ops
-                .entry(operator_count(&item.example))
-                .or_default();
-            tally.0 += s.exact as usize;
-            tally.1 += 1;
+            let ops = operator_count(&item.example);
+            count(scores.arithmetic_by_ops.entry(ops).or_default(), s.exact);
         }
         if let Some(kind) = item.kind {
-            let tally = scores
-                .mixed
-                .entry(mixed_kind_name(kind).into())
-                .or_default();
-            tally.0 += s.exact as usize;
-            tally.1 += 1;
+            let name = mixed_kind_name(kind).into();
+            count(scores.mixed.entry(name).or_default(), s.exact);
         }
         for (part, gold) in s.parts.iter().zip(&item.example.answer) {
             let Some(attributes) = &part.attributes else {
@@ -277,13 +269,20 @@ pub fn run_suite(
     Ok(scores)
 }
 
+/// Adds one posed item to an (exactly right, posed) tally.
+fn count(tally: &mut (usize, usize), exact: bool) {
+    tally.0 += exact as usize;
+    tally.1 += 1;
+}
+
 /// Operators in an example's prompt text ("what is (12+7)*3?" has 2).
 pub fn operator_count(example: &TextExample) -> usize {
+    let is_operator = |c: char| Op::ALL.iter().any(|op| op.symbol() == c);
     example
         .prompt
         .iter()
         .filter_map(|s| match s {
-            Segment::Text { text, .. } => Some(text.chars().filter(|c| "+-*".contains(*c)).count()),
+            Segment::Text { text, .. } => Some(text.chars().filter(|&c| is_operator(c)).count()),
             _ => None,
         })
         .sum()

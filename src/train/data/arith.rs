@@ -23,6 +23,8 @@ pub enum Op {
 }
 
 impl Op {
+    pub const ALL: [Op; 3] = [Op::Add, Op::Sub, Op::Mul];
+
     pub fn symbol(self) -> char {
         match self {
             Op::Add => '+',
@@ -151,10 +153,13 @@ impl Expr {
         if steps.is_empty() {
             return Ok(value.to_string());
         }
-        if let (Some(rest), Some(first)) = (self.outer_rest(), steps.first_mut()) {
-            let colon = first.find(':').unwrap_or(first.len());
-            first.insert_str(colon, &format!(" then {rest}"));
+        if let (Some(rest), Some((head, _))) = (self.outer_rest(), steps.first_mut()) {
+            *head = format!("{head} then {rest}");
         }
+        let steps: Vec<String> = steps
+            .iter()
+            .map(|(head, work)| format!("{head}: {work}"))
+            .collect();
         Ok(steps.join(". "))
     }
 
@@ -172,17 +177,18 @@ impl Expr {
         }
     }
 
-    fn work(&self, steps: &mut Vec<String>) -> Result<i64> {
+    /// Pushes each operation's step, innermost first, as ("12+7", "2+7=9,
+    /// 1+0=1 so 19"), and returns the value.
+    fn work(&self, steps: &mut Vec<(String, String)>) -> Result<i64> {
         match self {
             Expr::Bin(op, a, b) => {
                 let (x, y) = (a.work(steps)?, b.work(steps)?);
                 let value = op
                     .apply(x, y)
                     .ok_or_else(|| anyhow!("integer overflow in {x} {} {y}", op.symbol()))?;
-                steps.push(format!(
-                    "{x}{}{y}: {} so {value}",
-                    op.symbol(),
-                    columns(*op, x, y)?
+                steps.push((
+                    format!("{x}{}{y}", op.symbol()),
+                    format!("{} so {value}", columns(*op, x, y)?),
                 ));
                 Ok(value)
             }
@@ -300,14 +306,13 @@ pub fn columns(op: Op, x: i64, y: i64) -> Result<String> {
 
 /// A random expression as described in the module doc.
 pub fn random_expr<R: Rng + ?Sized>(rng: &mut R) -> Expr {
-    const OPS: [Op; 3] = [Op::Add, Op::Sub, Op::Mul];
     loop {
-        let op1 = OPS[rng.random_range(0..3)];
+        let op1 = Op::ALL[rng.random_range(0..3)];
         let expr = if rng.random_bool(0.4) {
             let (a, b) = (operand(rng), operand(rng));
             product_safe(rng, op1, a, b)
         } else {
-            let op2 = OPS[rng.random_range(0..3)];
+            let op2 = Op::ALL[rng.random_range(0..3)];
             let (a, b, c) = (operand(rng), operand(rng), operand(rng));
             if rng.random_bool(0.5) {
                 // (a op1 b) op2 c
