@@ -202,6 +202,75 @@ fn training_reduces_reconstruction_loss() {
     assert!(used.len() >= 6, "only {} codes in use", used.len());
 }
 
+/// Distinct codes of `images` under the trainer's current codebook.
+fn codes_used(trainer: &VqTrainer, images: &Tensor) -> usize {
+    let codes = trainer.model().encode(images).unwrap();
+    let mut used = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    used.sort();
+    used.dedup();
+    used.len()
+}
+
+fn distinct_vectors(trainer: &VqTrainer) -> usize {
+    let book = trainer.model().quantizer().codebook().to_vec2::<f32>().unwrap();
+    let mut rows: Vec<Vec<u32>> = book
+        .iter()
+        .map(|r| r.iter().map(|x| x.to_bits()).collect())
+        .collect();
+    rows.sort();
+    rows.dedup();
+    rows.len()
+}
+
+/// After a merge the codebook holds one vector per group the report counts
+/// (the encoder can pick no other), a distance just above the closest live
+/// pair removes groups, and one wider than the codebook leaves one code.
+#[test]
+fn merging_close_codes_leaves_one_code_per_group() {
+    pin_threads();
+    let cfg = tiny_config();
+    let tcfg = VqTrainConfig {
+        learning_rate: 3e-3,
+        restart_every: 25,
+        ..VqTrainConfig::new(11)
+    };
+    let mut trainer = VqTrainer::new(&cfg, &tcfg, &Device::Cpu).unwrap();
+    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
+    trainer.run(100, batches, None, |_| {}).unwrap();
+    let sample = drawn_rectangles(64, 16, 4, 999);
+    let live = codes_used(&trainer, &sample);
+
+    let codes = trainer.model().encode(&sample).unwrap();
+    let mut ids = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    ids.sort();
+    ids.dedup();
+    let book = trainer.model().quantizer().codebook().to_vec2::<f32>().unwrap();
+    let dist = |a: u32, b: u32| -> f32 {
+        let (a, b) = (&book[a as usize], &book[b as usize]);
+        a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+    };
+    let closest = ids
+        .iter()
+        .flat_map(|&a| ids.iter().filter(move |&&b| b > a).map(move |&b| (a, b)))
+        .map(|(a, b)| dist(a, b))
+        .fold(f32::INFINITY, f32::min);
+
+    let report = trainer
+        .merge_close_codes(std::slice::from_ref(&sample), closest * 1.01)
+        .unwrap();
+    assert_eq!(report.live_before, live);
+    assert!(report.live_after < live, "{report:?}");
+    assert_eq!(distinct_vectors(&trainer), report.live_after);
+    assert!(codes_used(&trainer, &sample) <= report.live_after);
+
+    let report = trainer
+        .merge_close_codes(std::slice::from_ref(&sample), 1e6)
+        .unwrap();
+    assert_eq!(report.live_after, 1);
+    assert_eq!(distinct_vectors(&trainer), 1);
+    assert_eq!(codes_used(&trainer, &sample), 1);
+}
+
 /// A batch split into micro-batches gives the same update as one pass over
 /// the whole batch (up to rounding), and the thread count changes nothing
 /// at all.

@@ -122,6 +122,10 @@ pub struct PipelineConfig {
     /// ([`crate::train::vq_train::VqTrainConfig::foreground_weight`]).
     #[serde(default)]
     pub vq_foreground_weight: f64,
+    /// After training, codes within this L2 distance of a more-used code
+    /// take its vector (0: none); see `train::vq_train::merge`.
+    #[serde(default)]
+    pub vq_merge_distance: f32,
     pub decoder: DecoderSize,
     /// Packed batch: rows of `batch_len` tokens.
     pub batch_rows: usize,
@@ -166,6 +170,7 @@ impl PipelineConfig {
             vq_batch: 16,
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
+            vq_merge_distance: 0.7,
             decoder: DecoderSize {
                 hidden_size: 256,
                 num_layers: 4,
@@ -214,6 +219,7 @@ impl PipelineConfig {
             vq_batch: 2,
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
+            vq_merge_distance: 0.7,
             decoder: DecoderSize {
                 hidden_size: 32,
                 num_layers: 2,

@@ -125,6 +125,14 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
         },
     )?;
     bar.finish();
+    if cfg.vq_merge_distance > 0.0 {
+        let scenes = usage_sample(mix(seed, u64::MAX), side, device)?;
+        let report = trainer.merge_close_codes(&scenes, cfg.vq_merge_distance)?;
+        eprintln!(
+            "vq: codes within {} merged: {} live codes -> {}",
+            cfg.vq_merge_distance, report.live_before, report.live_after
+        );
+    }
     trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
     record(
         &run.out,
@@ -138,6 +146,23 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
             loss_log: log,
         },
     )
+}
+
+/// 512 training scenes in chunks of 32: the sample whose code usage decides
+/// which codes a merge keeps.
+fn usage_sample(seed: u64, side: u32, device: &Device) -> Result<Vec<Tensor>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..16)
+        .map(|_| {
+            let images: Vec<_> = (0..32)
+                .map(|_| {
+                    let img = Scene::random(&mut rng, Split::Train).render();
+                    crate::model::vq::pixels::fit_square(&img, side)
+                })
+                .collect();
+            Ok(rgb_to_tensor(&images, device)?)
+        })
+        .collect()
 }
 
 /// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call

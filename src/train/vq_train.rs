@@ -22,6 +22,7 @@
 //! on this machine.
 
 mod checkpoint;
+pub mod merge;
 mod optim;
 mod shards;
 #[cfg(test)]
@@ -40,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::vq::{VqConfig, VqModel};
 
 pub use checkpoint::{CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS};
+pub use merge::MergeReport;
 pub use optim::AdamW;
 
 /// Name of the codebook variable (taming's).
@@ -370,6 +372,25 @@ impl VqTrainer {
     /// Writes only the model weights (the file `serve` loads).
     pub fn save_weights(&self, path: &Path) -> Result<()> {
         checkpoint::save_weights(&self.varmap, path)
+    }
+
+    /// Merges every code within `distance` of a more-used one ([`merge`]),
+    /// usage counted by encoding `images` (chunks of (B, 3, R, R)). Meant
+    /// for the end of a run: the checkpoint keeps the unmerged codebook.
+    pub fn merge_close_codes(&mut self, images: &[Tensor], distance: f32) -> Result<MergeReport> {
+        let (n, dim) = (self.cfg.num_embeddings, self.cfg.embed_dim);
+        let mut usage = vec![0u64; n];
+        for chunk in images {
+            for c in self.model.encode(chunk)?.flatten_all()?.to_vec1::<u32>()? {
+                usage[c as usize] += 1;
+            }
+        }
+        let var = find_var(&self.varmap, CODEBOOK)?;
+        let book = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let rep_of = merge::representatives(&book, dim, &usage, distance);
+        let merged = merge::merged(&book, dim, &rep_of);
+        var.set(&Tensor::from_vec(merged, (n, dim), var.device())?)?;
+        Ok(MergeReport::new(&usage, &rep_of))
     }
 
     /// Moves every code unused since the last check onto a randomly chosen
