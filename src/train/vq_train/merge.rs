@@ -28,7 +28,11 @@ pub fn representatives(codebook: &[f32], dim: usize, usage: &[u64], distance: f3
     assert_eq!(codebook.len(), n * dim, "codebook is not {n} x {dim}");
     let row = |c: usize| &codebook[c * dim..(c + 1) * dim];
     let dist = |a: usize, b: usize| -> f32 {
-        let sq: f32 = row(a).iter().zip(row(b)).map(|(x, y)| (x - y) * (x - y)).sum();
+        let sq: f32 = row(a)
+            .iter()
+            .zip(row(b))
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum();
         sq.sqrt()
     };
     let mut order: Vec<usize> = (0..n).filter(|&c| usage[c] > 0).collect();
@@ -42,7 +46,10 @@ pub fn representatives(codebook: &[f32], dim: usize, usage: &[u64], distance: f3
         }
     }
     for c in (0..n).filter(|&c| usage[c] == 0) {
-        let nearest = kept.iter().copied().min_by(|&a, &b| dist(a, c).total_cmp(&dist(b, c)));
+        let nearest = kept
+            .iter()
+            .copied()
+            .min_by(|&a, &b| dist(a, c).total_cmp(&dist(b, c)));
         rep_of[c] = nearest.unwrap_or(c);
     }
     rep_of

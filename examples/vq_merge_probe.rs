@@ -1,0 +1,132 @@
+//! Measures what merging close codebook entries does to a trained VQ
+//! (`train::vq_train::merge`, the pipeline's `vq_merge_distance`): for each
+//! distance, the distinct code vectors left, how predictable a patch's code
+//! is from its pixels, and what the checker reads back from
+//! reconstructions of held-out scenes.
+//!
+//! H(code | patch) is the entropy of the code given the exact 8x8 pixels of
+//! its patch, over 1,500 training scenes: 0 when equal patches always get
+//! the same code. The base decoder has to predict codes, so every nat here
+//! is loss it cannot learn away from the caption alone.
+//!
+//! cargo run --release --example vq_merge_probe -- CONFIG.json VQ.safetensors DISTANCE...
+//! (VQ.safetensors unmerged, e.g. `checkpoints/vq/vq.safetensors` of a `molora train` run)
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use molora::eval::image_checks::{held_out_scenes, psnr};
+use molora::eval::model::at_checker_size;
+use molora::model::vq::pixels::fit_square;
+use molora::model::vq::{VqConfig, VqModel};
+use molora::train::data::checker::{check, AttributeTally};
+use molora::train::data::{Scene, Split};
+use molora::train::vq_train::merge::{merged, representatives, MergeReport};
+use molora::train::vq_train::CODEBOOK;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+fn main() -> Result<()> {
+    let usage = "usage: vq_merge_probe CONFIG.json VQ.safetensors DISTANCE...";
+    let args: Vec<String> = std::env::args().collect();
+    let cfg: VqConfig = serde_json::from_str(
+        &std::fs::read_to_string(args.get(1).context(usage)?).context("reading the config")?,
+    )?;
+    let device = Device::Cpu;
+    let tensors = candle_core::safetensors::load(args.get(2).context(usage)?, &device)?;
+    let distances: Vec<f32> = args[3..]
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let book = tensors
+        .get(CODEBOOK)
+        .with_context(|| format!("no {CODEBOOK} in the weights"))?;
+    let (n, dim) = book.dims2()?;
+    let book = book.flatten_all()?.to_vec1::<f32>()?;
+    let side = cfg.resolution as u32;
+    let scenes_from = |seed: u64, count: usize| -> Vec<_> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..count)
+            .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
+            .collect()
+    };
+    let sample = scenes_from(1, 512);
+    let patches = scenes_from(2, 1500);
+    let held_out = held_out_scenes(200, 1);
+
+    let build = |codebook: Vec<f32>| -> Result<VqModel> {
+        let mut t = tensors.clone();
+        t.insert(
+            CODEBOOK.into(),
+            Tensor::from_vec(codebook, (n, dim), &device)?,
+        );
+        VqModel::new(&cfg, VarBuilder::from_tensors(t, DType::F32, &device))
+    };
+    let unmerged = build(book.clone())?;
+    let mut used = vec![0u64; n];
+    for img in &sample {
+        for c in unmerged.encode_rgb(img)? {
+            used[c as usize] += 1;
+        }
+    }
+    println!("| distance | code vectors | H(code \\| patch) nats | PSNR dB | colour | shape | size | position | all |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &d in std::iter::once(&0.0).chain(&distances) {
+        let (vq, groups) = if d > 0.0 {
+            let rep_of = representatives(&book, dim, &used, d);
+            let groups = MergeReport::new(&used, &rep_of).live_after;
+            (build(merged(&book, dim, &rep_of))?, groups)
+        } else {
+            (build(book.clone())?, n)
+        };
+        let entropy = code_entropy_given_patch(&vq, &patches, cfg.grid_size())?;
+        let mut tally = AttributeTally::default();
+        let mut db = 0.0;
+        for scene in &held_out {
+            let render = fit_square(&scene.render(), side);
+            let recon = vq.decode_to_rgb(&vq.encode_rgb(&render)?)?;
+            db += psnr(&render, &recon);
+            tally.add(&check(&at_checker_size(recon), scene));
+        }
+        let r = |k: usize| 100.0 * k as f64 / tally.checked.max(1) as f64;
+        println!(
+            "| {d} | {groups} | {entropy:.2} | {:.1} | {:.0}% | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
+            db / held_out.len() as f64,
+            r(tally.colour),
+            r(tally.shape),
+            r(tally.size),
+            r(tally.position),
+            r(tally.all)
+        );
+    }
+    Ok(())
+}
+
+/// Mean entropy (nats) of a patch's code given its exact pixels.
+fn code_entropy_given_patch(vq: &VqModel, images: &[image::RgbImage], grid: usize) -> Result<f64> {
+    let patch = images[0].width() as usize / grid;
+    let mut by_patch: HashMap<Vec<u8>, HashMap<u32, u64>> = HashMap::new();
+    for img in images {
+        for (k, code) in vq.encode_rgb(img)?.into_iter().enumerate() {
+            let (y0, x0) = ((k / grid * patch) as u32, (k % grid * patch) as u32);
+            let mut pixels = Vec::with_capacity(patch * patch * 3);
+            for y in y0..y0 + patch as u32 {
+                for x in x0..x0 + patch as u32 {
+                    pixels.extend_from_slice(&img.get_pixel(x, y).0);
+                }
+            }
+            *by_patch.entry(pixels).or_default().entry(code).or_default() += 1;
+        }
+    }
+    let (mut nats, mut total) = (0.0, 0u64);
+    for codes in by_patch.values() {
+        let n: u64 = codes.values().sum();
+        for &c in codes.values() {
+            nats -= c as f64 * (c as f64 / n as f64).ln();
+        }
+        total += n;
+    }
+    Ok(nats / total as f64)
+}
