@@ -212,7 +212,12 @@ fn codes_used(trainer: &VqTrainer, images: &Tensor) -> usize {
 }
 
 fn distinct_vectors(trainer: &VqTrainer) -> usize {
-    let book = trainer.model().quantizer().codebook().to_vec2::<f32>().unwrap();
+    let book = trainer
+        .model()
+        .quantizer()
+        .codebook()
+        .to_vec2::<f32>()
+        .unwrap();
     let mut rows: Vec<Vec<u32>> = book
         .iter()
         .map(|r| r.iter().map(|x| x.to_bits()).collect())
@@ -244,10 +249,19 @@ fn merging_close_codes_leaves_one_code_per_group() {
     let mut ids = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
     ids.sort();
     ids.dedup();
-    let book = trainer.model().quantizer().codebook().to_vec2::<f32>().unwrap();
+    let book = trainer
+        .model()
+        .quantizer()
+        .codebook()
+        .to_vec2::<f32>()
+        .unwrap();
     let dist = |a: u32, b: u32| -> f32 {
         let (a, b) = (&book[a as usize], &book[b as usize]);
-        a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt()
     };
     let closest = ids
         .iter()
@@ -269,6 +283,69 @@ fn merging_close_codes_leaves_one_code_per_group() {
     assert_eq!(report.live_after, 1);
     assert_eq!(distinct_vectors(&trainer), 1);
     assert_eq!(codes_used(&trainer, &sample), 1);
+}
+
+/// Decoder-only training, started from saved weights: the reconstruction
+/// improves while every encoder and codebook weight stays bit for bit, so
+/// every image keeps its codes.
+#[test]
+fn decoder_only_training_keeps_the_codes() {
+    pin_threads();
+    let cfg = tiny_config();
+    let full = VqTrainConfig {
+        learning_rate: 3e-3,
+        restart_every: 25,
+        ..VqTrainConfig::new(11)
+    };
+    let mut trainer = VqTrainer::new(&cfg, &full, &Device::Cpu).unwrap();
+    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
+    trainer.run(60, batches, None, |_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("vqgan.safetensors");
+    trainer.save_weights(&weights).unwrap();
+
+    let decoder_only = VqTrainConfig {
+        restart_every: 0,
+        decoder_only: true,
+        ..full.clone()
+    };
+    let mut tuned = VqTrainer::from_weights(&weights, &cfg, &decoder_only, &Device::Cpu).unwrap();
+    let held_out = drawn_rectangles(16, 16, 4, 999);
+    let recon = |t: &VqTrainer| {
+        let l = t.losses(&held_out).unwrap();
+        l.reconstruction.to_scalar::<f32>().unwrap()
+    };
+    let codes = |t: &VqTrainer| {
+        t.model()
+            .encode(&held_out)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap()
+    };
+    let (start, start_codes) = (recon(&tuned), codes(&tuned));
+    let before = weights_of(tuned.varmap());
+    tuned.run(60, batches, None, |_| {}).unwrap();
+    let after = weights_of(tuned.varmap());
+    eprintln!(
+        "decoder-only reconstruction {start:.4} -> {:.4}",
+        recon(&tuned)
+    );
+    assert!(recon(&tuned) < start, "{start} -> {}", recon(&tuned));
+    assert_eq!(codes(&tuned), start_codes);
+    for (name, w) in &before {
+        let decoder_side = name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
+        assert_eq!(
+            &after[name] != w,
+            decoder_side,
+            "{name} changed: {}",
+            &after[name] != w
+        );
+    }
+    let restarting = VqTrainConfig {
+        restart_every: 25,
+        ..decoder_only
+    };
+    assert!(VqTrainer::new(&cfg, &restarting, &Device::Cpu).is_err());
 }
 
 /// A batch split into micro-batches gives the same update as one pass over

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use super::pipeline::{PipelineConfig, Run};
-use super::{gate_train, stages};
+use super::{gate_train, stages, vq_stages};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -30,8 +30,10 @@ pub struct Common {
 pub enum Stage {
     /// BPE tokenizer on the world's text, image codes as added tokens.
     Tokenizer(Common),
-    /// The VQ-VAE on shapes-world images.
+    /// The VQ-VAE on shapes-world images, then the merge of close codes.
     Vq(Common),
+    /// More steps for the VQ's decoder alone, codes unchanged.
+    VqDecoder(Common),
     /// The base decoder on the mixture of every task.
     Base(Common),
     /// One LoRA adapter (text, image, math, code, caption), base frozen.
@@ -59,7 +61,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = crate::server::device()?;
     match &args.stage {
         Stage::Tokenizer(c) => stages::tokenizer(&run_of(c)?),
-        Stage::Vq(c) => stages::vq(&run_of(c)?, &device),
+        Stage::Vq(c) => vq_stages::vq(&run_of(c)?, &device),
+        Stage::VqDecoder(c) => vq_stages::vq_decoder(&run_of(c)?, &device),
         Stage::Base(c) => stages::base(&run_of(c)?, &device),
         Stage::Adapter { name, common } => stages::adapter(&run_of(common)?, name, &device),
         Stage::Gate(c) => gate_train::gate(&run_of(c)?, &device),

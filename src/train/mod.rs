@@ -15,6 +15,7 @@ pub mod looping;
 pub mod lora;
 pub mod pipeline;
 pub mod stages;
+pub mod vq_stages;
 pub mod vq_train;
 
 #[cfg(test)]

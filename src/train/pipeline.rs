@@ -126,6 +126,10 @@ pub struct PipelineConfig {
     /// take its vector (0: none); see `train::vq_train::merge`.
     #[serde(default)]
     pub vq_merge_distance: f32,
+    /// Steps of the `vq_decoder` stage (0: skipped): the decoder alone, on
+    /// the merged codes.
+    #[serde(default)]
+    pub vq_decoder_steps: u64,
     pub decoder: DecoderSize,
     /// Packed batch: rows of `batch_len` tokens.
     pub batch_rows: usize,
@@ -171,6 +175,7 @@ impl PipelineConfig {
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
             vq_merge_distance: 0.7,
+            vq_decoder_steps: 400,
             decoder: DecoderSize {
                 hidden_size: 256,
                 num_layers: 4,
@@ -220,6 +225,7 @@ impl PipelineConfig {
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
             vq_merge_distance: 0.7,
+            vq_decoder_steps: 2,
             decoder: DecoderSize {
                 hidden_size: 32,
                 num_layers: 2,
@@ -246,6 +252,7 @@ impl PipelineConfig {
     pub fn probe() -> Self {
         let mut cfg = Self::demo();
         cfg.vq_steps = 10;
+        cfg.vq_decoder_steps = 10;
         for (s, n) in [
             (&mut cfg.base, 10),
             (&mut cfg.adapter, 5),

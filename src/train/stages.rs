@@ -7,25 +7,20 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use tokenizers::Tokenizer;
 
-use super::batch::{mix, PackedBatch, SeqMaker};
-use super::data::shapes::Scene;
+use super::batch::{PackedBatch, SeqMaker};
 use super::data::text_domains::text_corpus;
-use super::data::Split;
 use super::decoder::{init_tensors, set_vars, LayerAdapters, Routing, TrainDecoder};
 use super::looping::{self, StepOut};
 use super::lora::TrainLora;
 use super::pipeline::{expert_for, mixture_for, record, role_of, Run, StageLog, ADAPTERS};
-use super::vq_train::{VqTrainConfig, VqTrainer};
 use crate::adapters::peft::LoraAdapter;
 use crate::adapters::AdapterRole;
 use crate::engine::images::VQ_WEIGHTS_FILE;
 use crate::model::config::{Config, MoloraConfig};
 use crate::model::tokenizer::{load_tokenizer, save_tokenizer, train_tokenizer, TokenizerLayout};
-use crate::model::vq::{rgb_to_tensor, VqModel};
+use crate::model::vq::VqModel;
 use crate::model::weights::SINGLE_FILE;
 use crate::random_model::ADAPTERS_DIR;
 
@@ -62,132 +57,6 @@ pub fn tokenizer(run: &Run) -> Result<()> {
             loss_log: vec![],
         },
     )
-}
-
-/// `vq`: the VQ-VAE on shapes-world training scenes.
-pub fn vq(run: &Run, device: &Device) -> Result<()> {
-    let cfg = &run.cfg;
-    let seed = run.stage_seed("vq");
-    // Micro-batches spread over the cores, each matmul on one thread: ~3x
-    // faster here than candle's own threading on these small convs.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let tcfg = VqTrainConfig {
-        learning_rate: cfg.vq_learning_rate,
-        checkpoint_every: 50,
-        warmup_steps: 20,
-        decay_steps: cfg.vq_steps,
-        threads,
-        foreground_weight: cfg.vq_foreground_weight,
-        ..VqTrainConfig::new(seed)
-    };
-    let _one_thread = MatmulThreads::set(1);
-    let dir = run.checkpoint_dir("vq");
-    let mut trainer = VqTrainer::resume_or_new(&dir, &cfg.vq, &tcfg, device)?;
-    let side = cfg.vq.resolution as u32;
-    let batch = cfg.vq_batch;
-    let bar = indicatif::ProgressBar::new(cfg.vq_steps);
-    bar.set_position(trainer.step_count());
-    let started = Instant::now();
-    let mut log = Vec::new();
-    let mut window = (0f64, 0u64);
-    trainer.run(
-        cfg.vq_steps,
-        |step| {
-            let mut rng = StdRng::seed_from_u64(mix(seed, step));
-            let images: Vec<_> = (0..batch)
-                .map(|_| {
-                    let img = Scene::random(&mut rng, Split::Train).render();
-                    crate::model::vq::pixels::fit_square(&img, side)
-                })
-                .collect();
-            rgb_to_tensor(&images, device)
-        },
-        Some(&dir),
-        |s| {
-            bar.set_position(s.step);
-            bar.set_message(format!(
-                "recon {:.4} codes {}",
-                s.reconstruction, s.codes_in_batch
-            ));
-            window = (window.0 + s.reconstruction as f64, window.1 + 1);
-            if s.step.is_multiple_of(looping::LOG_WINDOW) {
-                log.push((window.0 / window.1 as f64) as f32);
-                if bar.is_hidden() {
-                    eprintln!(
-                        "vq: step {} recon {:.4} codes in batch {}",
-                        s.step,
-                        log.last().unwrap(),
-                        s.codes_in_batch
-                    );
-                }
-                window = (0.0, 0);
-            }
-        },
-    )?;
-    bar.finish();
-    if cfg.vq_merge_distance > 0.0 {
-        let scenes = usage_sample(mix(seed, u64::MAX), side, device)?;
-        let report = trainer.merge_close_codes(&scenes, cfg.vq_merge_distance)?;
-        eprintln!(
-            "vq: codes within {} merged: {} live codes -> {}",
-            cfg.vq_merge_distance, report.live_before, report.live_after
-        );
-    }
-    trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
-    record(
-        &run.out,
-        StageLog {
-            stage: "vq".into(),
-            steps: trainer.step_count(),
-            seconds: started.elapsed().as_secs_f64(),
-            items: trainer.step_count() * batch as u64,
-            first_loss: log.first().copied(),
-            last_loss: log.last().copied(),
-            loss_log: log,
-        },
-    )
-}
-
-/// 512 training scenes in chunks of 32: the sample whose code usage decides
-/// which codes a merge keeps.
-fn usage_sample(seed: u64, side: u32, device: &Device) -> Result<Vec<Tensor>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..16)
-        .map(|_| {
-            let images: Vec<_> = (0..32)
-                .map(|_| {
-                    let img = Scene::random(&mut rng, Split::Train).render();
-                    crate::model::vq::pixels::fit_square(&img, side)
-                })
-                .collect();
-            rgb_to_tensor(&images, device)
-        })
-        .collect()
-}
-
-/// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call
-/// to choose its parallelism, until dropped. The global rayon pool is
-/// started first so that it keeps its full size.
-struct MatmulThreads(Option<String>);
-
-impl MatmulThreads {
-    fn set(n: usize) -> Self {
-        let _ = rayon::current_num_threads();
-        let old = std::env::var(RAYON_THREADS).ok();
-        std::env::set_var(RAYON_THREADS, n.to_string());
-        Self(old)
-    }
-}
-
-const RAYON_THREADS: &str = "RAYON_NUM_THREADS";
-
-impl Drop for MatmulThreads {
-    fn drop(&mut self) {
-        match &self.0 {
-            Some(v) => std::env::set_var(RAYON_THREADS, v),
-            None => std::env::remove_var(RAYON_THREADS),
-        }
-    }
 }
 
 /// What the decoder stages share: tokenizer, VQ model, model config.
@@ -430,7 +299,8 @@ pub fn all(run: &Run, device: &Device) -> Result<()> {
     if !run.path(TOKENIZER_FILE).exists() {
         tokenizer(run)?;
     }
-    vq(run, device)?;
+    super::vq_stages::vq(run, device)?;
+    super::vq_stages::vq_decoder(run, device)?;
     base(run, device)?;
     for name in ADAPTERS {
         adapter(run, name, device)?;

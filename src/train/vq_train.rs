@@ -22,6 +22,7 @@
 //! on this machine.
 
 mod checkpoint;
+mod losses;
 pub mod merge;
 mod optim;
 mod shards;
@@ -30,7 +31,7 @@ mod tests;
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
@@ -41,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::vq::{VqConfig, VqModel};
 
 pub use checkpoint::{CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS};
+pub use losses::Losses;
 pub use merge::MergeReport;
 pub use optim::AdamW;
 
@@ -105,6 +107,12 @@ pub struct VqTrainConfig {
     /// are summed before the update (0 = the whole batch at once).
     #[serde(default)]
     pub micro_batch: usize,
+    /// Train the decoder side only (`post_quant_conv`, `decoder`) on the
+    /// reconstruction loss: the encoder and codebook are frozen, so every
+    /// image keeps its codes and a base trained on them stays valid.
+    /// Requires `restart_every` = 0.
+    #[serde(default)]
+    pub decoder_only: bool,
 }
 
 fn default_threads() -> usize {
@@ -128,20 +136,9 @@ impl VqTrainConfig {
             restart_every: 50,
             threads: 1,
             micro_batch: 2,
+            decoder_only: false,
         }
     }
-}
-
-/// The loss of one batch, as graph tensors (scalars).
-pub struct Losses {
-    pub total: Tensor,
-    pub reconstruction: Tensor,
-    pub codebook: Tensor,
-    pub commitment: Tensor,
-    /// Chosen codes (B, g*g) u32.
-    pub codes: Tensor,
-    /// Pre-quantization latents, one row per code, detached: (B*g*g, embed_dim).
-    pub latents: Tensor,
 }
 
 /// What one training step reports.
@@ -174,6 +171,9 @@ impl VqTrainer {
     /// A fresh run: weights drawn from `tcfg.seed`.
     pub fn new(cfg: &VqConfig, tcfg: &VqTrainConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
+        if tcfg.decoder_only && tcfg.restart_every != 0 {
+            bail!("decoder-only VQ training must not restart codes (set restart_every to 0)");
+        }
         if cfg.dropout != 0.0 {
             bail!(
                 "VQ training supports `dropout` = 0 only (runs must be deterministic), got {}",
@@ -213,6 +213,23 @@ impl VqTrainer {
         Ok(trainer)
     }
 
+    /// A run that starts from trained weights (a `vqgan.safetensors`), with
+    /// fresh optimizer moments: e.g. [`VqTrainConfig::decoder_only`] after
+    /// the full model has trained.
+    pub fn from_weights(
+        weights: &Path,
+        cfg: &VqConfig,
+        tcfg: &VqTrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut trainer = Self::new(cfg, tcfg, device)?;
+        trainer
+            .varmap
+            .load(weights)
+            .with_context(|| format!("loading VQ weights {}", weights.display()))?;
+        Ok(trainer)
+    }
+
     /// Resumes from `dir` when it holds a checkpoint, else starts fresh.
     pub fn resume_or_new(
         dir: &Path,
@@ -246,42 +263,6 @@ impl VqTrainer {
     /// Steps completed so far.
     pub fn step_count(&self) -> u64 {
         self.step
-    }
-
-    /// Forward pass and losses of one batch (B, 3, R, R) in [-1, 1].
-    pub fn losses(&self, images: &Tensor) -> Result<Losses> {
-        let out = self.model.forward_train(images)?;
-        let diff = (&out.reconstruction - images)?;
-        let per_pixel = match self.tcfg.recon_loss {
-            ReconLoss::L1 => diff.abs()?,
-            ReconLoss::Mse => diff.sqr()?,
-        };
-        let reconstruction = if self.tcfg.foreground_weight > 0.0 {
-            let weight = foreground_weights(images, self.tcfg.foreground_weight)?;
-            (per_pixel.broadcast_mul(&weight)?.mean_all()? / weight.mean_all()?)?
-        } else {
-            per_pixel.mean_all()?
-        };
-        let q = out.quantized;
-        let vq = if self.tcfg.legacy_beta {
-            (&q.commitment_loss + (&q.codebook_loss * self.tcfg.beta)?)?
-        } else {
-            (&q.codebook_loss + (&q.commitment_loss * self.tcfg.beta)?)?
-        };
-        let (_, c, _, _) = out.latents.dims4()?;
-        let latents = out
-            .latents
-            .detach()
-            .permute((0, 2, 3, 1))?
-            .reshape(((), c))?;
-        Ok(Losses {
-            total: (&reconstruction + vq)?,
-            reconstruction,
-            codebook: q.codebook_loss,
-            commitment: q.commitment_loss,
-            codes: q.codes,
-            latents,
-        })
     }
 
     /// Gradients of the total loss of one batch (for checks; no update).
@@ -430,7 +411,6 @@ impl VqTrainer {
     }
 }
 
-/// Every variable of `varmap` with its name.
 /// Linear warm-up, then constant or a cosine decay to a tenth.
 fn learning_rate_at(tcfg: &VqTrainConfig, step: u64) -> f64 {
     let (warm, decay, peak) = (tcfg.warmup_steps, tcfg.decay_steps, tcfg.learning_rate);
@@ -444,16 +424,7 @@ fn learning_rate_at(tcfg: &VqTrainConfig, step: u64) -> f64 {
     }
 }
 
-/// Per-pixel loss weights (B, 1, R, R): `1 + extra` where a pixel differs
-/// from its image's top-left pixel, 1 elsewhere. Built from the inputs, so
-/// no gradient flows through it.
-fn foreground_weights(images: &Tensor, extra: f64) -> Result<Tensor> {
-    let corner = images.narrow(2, 0, 1)?.narrow(3, 0, 1)?;
-    let distance = images.broadcast_sub(&corner)?.abs()?.sum_keepdim(1)?;
-    let foreground = distance.gt(1e-3)?.to_dtype(images.dtype())?;
-    Ok(((foreground * extra)? + 1.0)?)
-}
-
+/// Every variable of `varmap` with its name.
 fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()

@@ -2,7 +2,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::{foreground_weights, learning_rate_at, VqTrainConfig};
+use super::losses::foreground_weights;
+use super::{learning_rate_at, VqTrainConfig};
 
 /// One 4x4 image in [-1, 1]: white background, a red 2x2 block at rows 1-2,
 /// columns 2-3.

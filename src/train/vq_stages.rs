@@ -1,0 +1,205 @@
+//! The VQ stages of the pipeline: `vq` trains the whole VQ-VAE and merges
+//! its close codes; `vq_decoder` then trains the decoder alone on the codes
+//! the merged encoder gives, so the pictures sharpen while every image
+//! keeps its codes (the base, trained on those codes, does not notice).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::batch::mix;
+use super::data::shapes::Scene;
+use super::data::Split;
+use super::looping;
+use super::pipeline::{record, Run, StageLog};
+use super::vq_train::{VqTrainConfig, VqTrainer, CHECKPOINT_STATE};
+use crate::engine::images::VQ_WEIGHTS_FILE;
+use crate::model::vq::pixels::fit_square;
+use crate::model::vq::rgb_to_tensor;
+
+/// `vq`: the VQ-VAE on shapes-world training scenes, then the merge of
+/// close codes (`vq_merge_distance`).
+pub fn vq(run: &Run, device: &Device) -> Result<()> {
+    let cfg = &run.cfg;
+    let seed = run.stage_seed("vq");
+    let tcfg = VqTrainConfig {
+        decay_steps: cfg.vq_steps,
+        ..train_config(run, seed)
+    };
+    let _one_thread = MatmulThreads::set(1);
+    let dir = run.checkpoint_dir("vq");
+    let mut trainer = VqTrainer::resume_or_new(&dir, &cfg.vq, &tcfg, device)?;
+    let started = Instant::now();
+    let log = train(run, &mut trainer, "vq", seed, cfg.vq_steps, &dir, device)?;
+    if cfg.vq_merge_distance > 0.0 {
+        let side = cfg.vq.resolution as u32;
+        let scenes = usage_sample(mix(seed, u64::MAX), side, device)?;
+        let report = trainer.merge_close_codes(&scenes, cfg.vq_merge_distance)?;
+        eprintln!(
+            "vq: codes within {} merged: {} live codes -> {}",
+            cfg.vq_merge_distance, report.live_before, report.live_after
+        );
+    }
+    trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
+    record_stage(run, "vq", &trainer, started, log)
+}
+
+/// `vq_decoder`: `vq_decoder_steps` more steps for the decoder alone
+/// ([`VqTrainConfig::decoder_only`]), starting from the `vq` stage's
+/// weights. Encoder and codebook stay bit for bit as they were.
+pub fn vq_decoder(run: &Run, device: &Device) -> Result<()> {
+    let cfg = &run.cfg;
+    if cfg.vq_decoder_steps == 0 {
+        return Ok(());
+    }
+    let seed = run.stage_seed("vq_decoder");
+    let tcfg = VqTrainConfig {
+        decay_steps: cfg.vq_decoder_steps,
+        restart_every: 0,
+        decoder_only: true,
+        ..train_config(run, seed)
+    };
+    let _one_thread = MatmulThreads::set(1);
+    let dir = run.checkpoint_dir("vq_decoder");
+    let mut trainer = if dir.join(CHECKPOINT_STATE).exists() {
+        VqTrainer::resume(&dir, &cfg.vq, &tcfg, device)?
+    } else {
+        VqTrainer::from_weights(&run.path(VQ_WEIGHTS_FILE), &cfg.vq, &tcfg, device)?
+    };
+    let started = Instant::now();
+    let steps = cfg.vq_decoder_steps;
+    let log = train(run, &mut trainer, "vq_decoder", seed, steps, &dir, device)?;
+    trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
+    record_stage(run, "vq_decoder", &trainer, started, log)
+}
+
+/// The settings both VQ stages share.
+fn train_config(run: &Run, seed: u64) -> VqTrainConfig {
+    // Micro-batches spread over the cores, each matmul on one thread: ~3x
+    // faster here than candle's own threading on these small convs.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    VqTrainConfig {
+        learning_rate: run.cfg.vq_learning_rate,
+        checkpoint_every: 50,
+        warmup_steps: 20,
+        threads,
+        foreground_weight: run.cfg.vq_foreground_weight,
+        ..VqTrainConfig::new(seed)
+    }
+}
+
+/// Trains to `steps` on batches of training scenes drawn from (seed, step),
+/// with a progress bar; returns the mean reconstruction loss per window.
+fn train(
+    run: &Run,
+    trainer: &mut VqTrainer,
+    stage: &str,
+    seed: u64,
+    steps: u64,
+    dir: &Path,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let side = run.cfg.vq.resolution as u32;
+    let batch = run.cfg.vq_batch;
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_position(trainer.step_count());
+    let mut log = Vec::new();
+    let mut window = (0f64, 0u64);
+    trainer.run(
+        steps,
+        |step| {
+            let mut rng = StdRng::seed_from_u64(mix(seed, step));
+            let images: Vec<_> = (0..batch)
+                .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
+                .collect();
+            rgb_to_tensor(&images, device)
+        },
+        Some(dir),
+        |s| {
+            bar.set_position(s.step);
+            bar.set_message(format!(
+                "recon {:.4} codes {}",
+                s.reconstruction, s.codes_in_batch
+            ));
+            window = (window.0 + s.reconstruction as f64, window.1 + 1);
+            if s.step.is_multiple_of(looping::LOG_WINDOW) {
+                log.push((window.0 / window.1 as f64) as f32);
+                if bar.is_hidden() {
+                    eprintln!(
+                        "{stage}: step {} recon {:.4} codes in batch {}",
+                        s.step,
+                        log.last().unwrap(),
+                        s.codes_in_batch
+                    );
+                }
+                window = (0.0, 0);
+            }
+        },
+    )?;
+    bar.finish();
+    Ok(log)
+}
+
+fn record_stage(
+    run: &Run,
+    stage: &str,
+    trainer: &VqTrainer,
+    started: Instant,
+    log: Vec<f32>,
+) -> Result<()> {
+    record(
+        &run.out,
+        StageLog {
+            stage: stage.into(),
+            steps: trainer.step_count(),
+            seconds: started.elapsed().as_secs_f64(),
+            items: trainer.step_count() * run.cfg.vq_batch as u64,
+            first_loss: log.first().copied(),
+            last_loss: log.last().copied(),
+            loss_log: log,
+        },
+    )
+}
+
+/// 512 training scenes in chunks of 32: the sample whose code usage decides
+/// which codes a merge keeps.
+fn usage_sample(seed: u64, side: u32, device: &Device) -> Result<Vec<Tensor>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..16)
+        .map(|_| {
+            let images: Vec<_> = (0..32)
+                .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
+                .collect();
+            rgb_to_tensor(&images, device)
+        })
+        .collect()
+}
+
+/// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call
+/// to choose its parallelism, until dropped. The global rayon pool is
+/// started first so that it keeps its full size.
+struct MatmulThreads(Option<String>);
+
+impl MatmulThreads {
+    fn set(n: usize) -> Self {
+        let _ = rayon::current_num_threads();
+        let old = std::env::var(RAYON_THREADS).ok();
+        std::env::set_var(RAYON_THREADS, n.to_string());
+        Self(old)
+    }
+}
+
+const RAYON_THREADS: &str = "RAYON_NUM_THREADS";
+
+impl Drop for MatmulThreads {
+    fn drop(&mut self) {
+        match &self.0 {
+            Some(v) => std::env::set_var(RAYON_THREADS, v),
+            None => std::env::remove_var(RAYON_THREADS),
+        }
+    }
+}

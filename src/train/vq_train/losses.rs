@@ -1,0 +1,98 @@
+//! The losses of one VQ training batch: reconstruction (shape pixels
+//! weighted), codebook and commitment; or, when only the decoder trains,
+//! reconstruction alone on frozen codes.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::{ReconLoss, VqTrainer};
+
+/// The loss of one batch, as graph tensors (scalars).
+pub struct Losses {
+    pub total: Tensor,
+    pub reconstruction: Tensor,
+    pub codebook: Tensor,
+    pub commitment: Tensor,
+    /// Chosen codes (B, g*g) u32.
+    pub codes: Tensor,
+    /// Pre-quantization latents, one row per code, detached: (B*g*g, embed_dim).
+    pub latents: Tensor,
+}
+
+impl VqTrainer {
+    /// Forward pass and losses of one batch (B, 3, R, R) in [-1, 1].
+    pub fn losses(&self, images: &Tensor) -> Result<Losses> {
+        if self.tcfg.decoder_only {
+            return self.decoder_losses(images);
+        }
+        let out = self.model.forward_train(images)?;
+        let reconstruction = self.reconstruction_loss(&out.reconstruction, images)?;
+        let q = out.quantized;
+        let vq = if self.tcfg.legacy_beta {
+            (&q.commitment_loss + (&q.codebook_loss * self.tcfg.beta)?)?
+        } else {
+            (&q.codebook_loss + (&q.commitment_loss * self.tcfg.beta)?)?
+        };
+        Ok(Losses {
+            total: (&reconstruction + vq)?,
+            reconstruction,
+            codebook: q.codebook_loss,
+            commitment: q.commitment_loss,
+            codes: q.codes,
+            latents: latent_rows(&out.latents)?,
+        })
+    }
+
+    /// [`Self::losses`] with the encoder and codebook frozen: the decoder
+    /// learns to draw the codes it is given.
+    fn decoder_losses(&self, images: &Tensor) -> Result<Losses> {
+        let quantizer = self.model.quantizer();
+        let z = self.model.encode_latents(images)?.detach();
+        let (_, _, h, w) = z.dims4()?;
+        let codes = quantizer.encode(&z)?;
+        let z_q = quantizer.decode(&codes, h, w)?.detach();
+        let pixels = self.model.decode_latents(&z_q)?;
+        let reconstruction = self.reconstruction_loss(&pixels, images)?;
+        let zero = reconstruction.zeros_like()?;
+        Ok(Losses {
+            total: reconstruction.clone(),
+            reconstruction,
+            codebook: zero.clone(),
+            commitment: zero,
+            codes,
+            latents: latent_rows(&z)?,
+        })
+    }
+
+    /// Mean per-pixel error (L1 or MSE), shape pixels weighted
+    /// `1 + foreground_weight`.
+    fn reconstruction_loss(&self, pixels: &Tensor, images: &Tensor) -> Result<Tensor> {
+        let diff = (pixels - images)?;
+        let per_pixel = match self.tcfg.recon_loss {
+            ReconLoss::L1 => diff.abs()?,
+            ReconLoss::Mse => diff.sqr()?,
+        };
+        Ok(if self.tcfg.foreground_weight > 0.0 {
+            let weight = foreground_weights(images, self.tcfg.foreground_weight)?;
+            (per_pixel.broadcast_mul(&weight)?.mean_all()? / weight.mean_all()?)?
+        } else {
+            per_pixel.mean_all()?
+        })
+    }
+}
+
+/// Latents (B, C, h, w) -> detached rows (B*h*w, C), one per code.
+fn latent_rows(latents: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = latents.dims4()?;
+    Ok(latents.detach().permute((0, 2, 3, 1))?.reshape(((), c))?)
+}
+
+/// Per-pixel loss weights (B, 1, R, R): `1 + extra` where a pixel differs
+/// from its image's top-left pixel, 1 elsewhere. Built from the inputs, so
+/// no gradient flows through it.
+pub(super) fn foreground_weights(images: &Tensor, extra: f64) -> Result<Tensor> {
+    let corner = images.narrow(2, 0, 1)?.narrow(3, 0, 1)?;
+    let distance = images.broadcast_sub(&corner)?.abs()?.sum_keepdim(1)?;
+    let foreground = distance.gt(1e-3)?.to_dtype(images.dtype())?;
+    Ok(((foreground * extra)? + 1.0)?)
+}
