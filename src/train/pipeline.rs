@@ -317,13 +317,19 @@ pub struct StageLog {
     pub loss_log: Vec<f32>,
 }
 
-/// Adds or replaces `entry` in `<out>/train_log.json`.
+/// Adds or replaces `entry` in `<out>/train_log.json`. A finished stage
+/// run again trains nothing (empty log, same steps) and keeps the record of
+/// the run that trained it.
 pub fn record(out: &Path, entry: StageLog) -> Result<()> {
     let path = out.join(TRAIN_LOG);
     let mut all: Vec<StageLog> = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
+    let retrained = |old: &StageLog| !entry.loss_log.is_empty() || old.steps != entry.steps;
+    if all.iter().any(|e| e.stage == entry.stage && !retrained(e)) {
+        return Ok(());
+    }
     all.retain(|e| e.stage != entry.stage);
     all.push(entry);
     std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;

@@ -293,3 +293,31 @@ fn interrupted_training_resumes_exactly() {
         assert_eq!(x, y, "{name}");
     }
 }
+
+/// A stage run again after it finished trains nothing and keeps the record
+/// of the run that trained it; a run that trains replaces it.
+#[test]
+fn a_finished_stage_run_again_keeps_its_record() {
+    use super::pipeline::{record, StageLog};
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |seconds: f64, loss_log: Vec<f32>| StageLog {
+        stage: "base".into(),
+        steps: 100,
+        seconds,
+        items: 1000,
+        first_loss: loss_log.first().copied(),
+        last_loss: loss_log.last().copied(),
+        loss_log,
+    };
+    let read = || -> Vec<StageLog> {
+        let text = std::fs::read_to_string(dir.path().join("train_log.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    record(dir.path(), entry(80.0, vec![2.0, 1.0])).unwrap();
+    record(dir.path(), entry(0.01, vec![])).unwrap();
+    assert_eq!(read().len(), 1);
+    assert_eq!(read()[0].seconds, 80.0);
+    record(dir.path(), entry(90.0, vec![1.5])).unwrap();
+    assert_eq!(read().len(), 1);
+    assert_eq!(read()[0].seconds, 90.0);
+}
