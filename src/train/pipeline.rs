@@ -175,7 +175,7 @@ impl PipelineConfig {
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
             vq_merge_distance: 0.7,
-            vq_decoder_steps: 400,
+            vq_decoder_steps: 800,
             decoder: DecoderSize {
                 hidden_size: 256,
                 num_layers: 4,
