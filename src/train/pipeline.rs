@@ -151,11 +151,11 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// The shipped demo model: 73 minutes on this 2-core machine (vq ~0.9
-    /// s/step, base ~0.82 s/step at ~1,000 tokens/s, adapters ~1.0-1.3
-    /// s/step, gate ~0.46 s/step; models/demo/train_log.json). The VQ's
-    /// 1,000 steps read back 74% of colours; the base gets the rest, as its
-    /// loss on image codes limits the pictures.
+    /// The shipped demo model: about 86 minutes on this 2-core machine (vq
+    /// ~0.9 s/step, vq_decoder ~0.51, base ~0.83 at ~1,000 tokens/s,
+    /// adapters ~1.0-1.2, gate ~0.4; README, "Training the demo model").
+    /// The VQ's 1,000 steps plus 800 decoder-only steps on the merged codes
+    /// read back 92% of colours; the base gets the rest of the budget.
     pub fn demo() -> Self {
         let sched = |steps, lr, warmup| Schedule {
             steps,
