@@ -202,13 +202,30 @@ fn training_reduces_reconstruction_loss() {
     assert!(used.len() >= 6, "only {} codes in use", used.len());
 }
 
-/// Distinct codes of `images` under the trainer's current codebook.
-fn codes_used(trainer: &VqTrainer, images: &Tensor) -> usize {
+/// The distinct codes of `images` under the trainer's current codebook.
+fn code_ids(trainer: &VqTrainer, images: &Tensor) -> Vec<u32> {
     let codes = trainer.model().encode(images).unwrap();
     let mut used = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
     used.sort();
     used.dedup();
-    used.len()
+    used
+}
+
+fn codes_used(trainer: &VqTrainer, images: &Tensor) -> usize {
+    code_ids(trainer, images).len()
+}
+
+/// The tiny VQ after `steps` full training steps on drawn rectangles.
+fn trained_on_rectangles(steps: u64) -> VqTrainer {
+    let tcfg = VqTrainConfig {
+        learning_rate: 3e-3,
+        restart_every: 25,
+        ..VqTrainConfig::new(11)
+    };
+    let mut trainer = VqTrainer::new(&tiny_config(), &tcfg, &Device::Cpu).unwrap();
+    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
+    trainer.run(steps, batches, None, |_| {}).unwrap();
+    trainer
 }
 
 fn distinct_vectors(trainer: &VqTrainer) -> usize {
@@ -233,22 +250,10 @@ fn distinct_vectors(trainer: &VqTrainer) -> usize {
 #[test]
 fn merging_close_codes_leaves_one_code_per_group() {
     pin_threads();
-    let cfg = tiny_config();
-    let tcfg = VqTrainConfig {
-        learning_rate: 3e-3,
-        restart_every: 25,
-        ..VqTrainConfig::new(11)
-    };
-    let mut trainer = VqTrainer::new(&cfg, &tcfg, &Device::Cpu).unwrap();
-    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
-    trainer.run(100, batches, None, |_| {}).unwrap();
+    let mut trainer = trained_on_rectangles(100);
     let sample = drawn_rectangles(64, 16, 4, 999);
-    let live = codes_used(&trainer, &sample);
-
-    let codes = trainer.model().encode(&sample).unwrap();
-    let mut ids = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
-    ids.sort();
-    ids.dedup();
+    let ids = code_ids(&trainer, &sample);
+    let live = ids.len();
     let book = trainer
         .model()
         .quantizer()
@@ -292,23 +297,18 @@ fn merging_close_codes_leaves_one_code_per_group() {
 fn decoder_only_training_keeps_the_codes() {
     pin_threads();
     let cfg = tiny_config();
-    let full = VqTrainConfig {
-        learning_rate: 3e-3,
-        restart_every: 25,
-        ..VqTrainConfig::new(11)
-    };
-    let mut trainer = VqTrainer::new(&cfg, &full, &Device::Cpu).unwrap();
-    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
-    trainer.run(60, batches, None, |_| {}).unwrap();
+    let trainer = trained_on_rectangles(60);
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("vqgan.safetensors");
     trainer.save_weights(&weights).unwrap();
 
     let decoder_only = VqTrainConfig {
+        learning_rate: 3e-3,
         restart_every: 0,
         decoder_only: true,
-        ..full.clone()
+        ..VqTrainConfig::new(11)
     };
+    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
     let mut tuned = VqTrainer::from_weights(&weights, &cfg, &decoder_only, &Device::Cpu).unwrap();
     let held_out = drawn_rectangles(16, 16, 4, 999);
     let recon = |t: &VqTrainer| {
