@@ -228,14 +228,13 @@ fn trained_on_rectangles(steps: u64) -> VqTrainer {
     trainer
 }
 
+fn codebook(trainer: &VqTrainer) -> Vec<Vec<f32>> {
+    let book = trainer.model().quantizer().codebook();
+    book.to_vec2::<f32>().unwrap()
+}
+
 fn distinct_vectors(trainer: &VqTrainer) -> usize {
-    let book = trainer
-        .model()
-        .quantizer()
-        .codebook()
-        .to_vec2::<f32>()
-        .unwrap();
-    let mut rows: Vec<Vec<u32>> = book
+    let mut rows: Vec<Vec<u32>> = codebook(trainer)
         .iter()
         .map(|r| r.iter().map(|x| x.to_bits()).collect())
         .collect();
@@ -254,12 +253,7 @@ fn merging_close_codes_leaves_one_code_per_group() {
     let sample = drawn_rectangles(64, 16, 4, 999);
     let ids = code_ids(&trainer, &sample);
     let live = ids.len();
-    let book = trainer
-        .model()
-        .quantizer()
-        .codebook()
-        .to_vec2::<f32>()
-        .unwrap();
+    let book = codebook(&trainer);
     let dist = |a: u32, b: u32| -> f32 {
         let (a, b) = (&book[a as usize], &book[b as usize]);
         a.iter()
