@@ -112,11 +112,12 @@ fn train(
     trainer.run(
         steps,
         |step| {
-            let mut rng = StdRng::seed_from_u64(mix(seed, step));
-            let images: Vec<_> = (0..batch)
-                .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
-                .collect();
-            rgb_to_tensor(&images, device)
+            scene_batch(
+                &mut StdRng::seed_from_u64(mix(seed, step)),
+                batch,
+                side,
+                device,
+            )
         },
         Some(dir),
         |s| {
@@ -170,13 +171,17 @@ fn record_stage(
 fn usage_sample(seed: u64, side: u32, device: &Device) -> Result<Vec<Tensor>> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..16)
-        .map(|_| {
-            let images: Vec<_> = (0..32)
-                .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
-                .collect();
-            rgb_to_tensor(&images, device)
-        })
+        .map(|_| scene_batch(&mut rng, 32, side, device))
         .collect()
+}
+
+/// `n` random training scenes drawn from `rng`, as one (n, 3, side, side)
+/// tensor in [-1, 1].
+fn scene_batch(rng: &mut StdRng, n: usize, side: u32, device: &Device) -> Result<Tensor> {
+    let images: Vec<_> = (0..n)
+        .map(|_| fit_square(&Scene::random(rng, Split::Train).render(), side))
+        .collect();
+    rgb_to_tensor(&images, device)
 }
 
 /// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call
