@@ -82,9 +82,7 @@ impl SqliteStore {
         let conn = Connection::open(path).with_context(what)?;
         conn.busy_timeout(Duration::from_secs(10))
             .with_context(what)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .with_context(what)?;
+        let mode = wal_mode(&conn).with_context(what)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(anyhow!(
                 "{}: cannot switch to WAL mode (got {mode})",
@@ -458,5 +456,25 @@ impl JobStore for SqliteStore {
             Ok(r)
         })
         .with_context(|| format!("{}: start-up recovery failed", self.path.display()))
+    }
+}
+
+/// Switches `conn` to WAL and returns the journal mode it reports. Two
+/// processes (or test servers) opening a new store at the same moment can
+/// get SQLITE_BUSY here without SQLite calling the busy handler, so the
+/// switch is retried for up to ten seconds.
+fn wal_mode(conn: &Connection) -> rusqlite::Result<String> {
+    let mut waited = Duration::ZERO;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && waited < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+                waited += Duration::from_millis(20);
+            }
+            other => return other,
+        }
     }
 }
