@@ -23,7 +23,7 @@ use tokenizers::Tokenizer;
 
 use super::data::encode::{EncodedSequence, Encoder};
 use super::data::text_domains::{sample, sample_interleaved, sample_mixed_kind, MixedKind};
-use super::data::{Domain, Scene, Split, Task};
+use super::data::{Domain, Scene, Segment, Split, Task};
 use crate::model::tokenizer::TokenizerLayout;
 use crate::model::vq::VqModel;
 
@@ -33,6 +33,9 @@ pub enum Source {
     Task(Task),
     Mixed(MixedKind),
     Interleaved,
+    /// `<s> image </s>` alone: what a guided picture's unconditional twin
+    /// sees.
+    Unconditional,
 }
 
 /// Weighted sources of a stage's data.
@@ -245,6 +248,10 @@ impl<'a> SeqMaker<'a> {
             }
             Source::Interleaved => {
                 enc.encode_segments(&sample_interleaved(rng, split), &mut codes)?
+            }
+            Source::Unconditional => {
+                let scene = Segment::Image(Scene::random(rng, split));
+                enc.encode_segments(&[scene], &mut codes)?
             }
         };
         Ok(TrainSeq::from_encoded(seq, prompt_weight))

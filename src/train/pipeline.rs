@@ -84,8 +84,11 @@ pub fn mixture_for(stage: &str) -> Mixture {
             (1.0, m(DescribeAndCompute)),
         ],
         // base, text, gate: everything. Drawing weighs most: the base's
-        // loss on image codes is what limits the drawn pictures.
+        // loss on image codes is what limits the drawn pictures. Pictures
+        // without a caption teach the unconditional distribution that
+        // classifier-free guidance (`cfg_scale`) subtracts.
         _ => vec![
+            (1.0, Source::Unconditional),
             (4.0, t(Task::Arithmetic)),
             (2.0, t(Task::Code)),
             (2.0, t(Task::Caption)),
@@ -126,6 +129,11 @@ pub struct PipelineConfig {
     /// take its vector (0: none); see `train::vq_train::merge`.
     #[serde(default)]
     pub vq_merge_distance: f32,
+    /// Weight of the VQ's context loss (see `train::vq_train::losses`):
+    /// batches become pairs of scenes that differ in one shape, and equal
+    /// patches are pulled to equal latents (0: plain batches).
+    #[serde(default)]
+    pub vq_context_weight: f64,
     /// Steps of the `vq_decoder` stage (0: skipped): the decoder alone, on
     /// the merged codes.
     #[serde(default)]
@@ -174,7 +182,8 @@ impl PipelineConfig {
             vq_batch: 16,
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
-            vq_merge_distance: 0.7,
+            vq_merge_distance: 0.5,
+            vq_context_weight: 2.0,
             vq_decoder_steps: 800,
             decoder: DecoderSize {
                 hidden_size: 256,
@@ -225,6 +234,7 @@ impl PipelineConfig {
             vq_learning_rate: 1e-3,
             vq_foreground_weight: 5.0,
             vq_merge_distance: 0.7,
+            vq_context_weight: 1.0,
             vq_decoder_steps: 2,
             decoder: DecoderSize {
                 hidden_size: 32,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use super::batch::mix;
 use super::data::shapes::Scene;
@@ -28,6 +28,7 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
     let seed = run.stage_seed("vq");
     let tcfg = VqTrainConfig {
         decay_steps: cfg.vq_steps,
+        context_weight: cfg.vq_context_weight,
         ..train_config(run, seed)
     };
     let _one_thread = MatmulThreads::set(1);
@@ -105,6 +106,7 @@ fn train(
 ) -> Result<Vec<f32>> {
     let side = run.cfg.vq.resolution as u32;
     let batch = run.cfg.vq_batch;
+    let paired = trainer.train_config().context_weight > 0.0;
     let bar = indicatif::ProgressBar::new(steps);
     bar.set_position(trainer.step_count());
     let mut log = Vec::new();
@@ -112,28 +114,29 @@ fn train(
     trainer.run(
         steps,
         |step| {
-            scene_batch(
-                &mut StdRng::seed_from_u64(mix(seed, step)),
-                batch,
-                side,
-                device,
-            )
+            let rng = &mut StdRng::seed_from_u64(mix(seed, step));
+            if paired {
+                pair_batch(rng, batch, side, device)
+            } else {
+                scene_batch(rng, batch, side, device)
+            }
         },
         Some(dir),
         |s| {
             bar.set_position(s.step);
             bar.set_message(format!(
-                "recon {:.4} codes {}",
-                s.reconstruction, s.codes_in_batch
+                "recon {:.4} context {:.4} codes {}",
+                s.reconstruction, s.context, s.codes_in_batch
             ));
             window = (window.0 + s.reconstruction as f64, window.1 + 1);
             if s.step.is_multiple_of(looping::LOG_WINDOW) {
                 log.push((window.0 / window.1 as f64) as f32);
                 if bar.is_hidden() {
                     eprintln!(
-                        "{stage}: step {} recon {:.4} codes in batch {}",
+                        "{stage}: step {} recon {:.4} context {:.4} codes in batch {}",
                         s.step,
                         log.last().unwrap(),
+                        s.context,
                         s.codes_in_batch
                     );
                 }
@@ -181,6 +184,33 @@ fn scene_batch(rng: &mut StdRng, n: usize, side: u32, device: &Device) -> Result
     let images: Vec<_> = (0..n)
         .map(|_| fit_square(&Scene::random(rng, Split::Train).render(), side))
         .collect();
+    rgb_to_tensor(&images, device)
+}
+
+/// `n / 2` pairs for the context loss: a random two-shape training scene,
+/// then the same scene with one of its shapes left out (also a training
+/// scene), as one (n, 3, side, side) tensor in [-1, 1].
+fn pair_batch(rng: &mut StdRng, n: usize, side: u32, device: &Device) -> Result<Tensor> {
+    anyhow::ensure!(
+        n.is_multiple_of(2),
+        "a batch of image pairs needs an even size, got {n}"
+    );
+    let mut images = Vec::with_capacity(n);
+    while images.len() < n {
+        let scene = Scene::random(rng, Split::Train);
+        if scene.shapes.len() != 2 {
+            continue;
+        }
+        let keep = rng.random_range(0..2);
+        let partner = [keep, 1 - keep].into_iter().map(|k| Scene {
+            background: scene.background,
+            shapes: vec![scene.shapes[k]],
+        });
+        if let Some(alone) = partner.into_iter().find(|s| s.in_split(Split::Train)) {
+            images.push(fit_square(&scene.render(), side));
+            images.push(fit_square(&alone.render(), side));
+        }
+    }
     rgb_to_tensor(&images, device)
 }
 

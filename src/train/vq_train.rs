@@ -113,6 +113,13 @@ pub struct VqTrainConfig {
     /// Requires `restart_every` = 0.
     #[serde(default)]
     pub decoder_only: bool,
+    /// Weight of the context loss ([`losses`]): every micro-batch holds
+    /// pairs of images (2k, 2k + 1), and a latent cell whose 8x8 pixels are
+    /// equal in both images of a pair is pulled to the same latent. Without
+    /// it GroupNorm's image-wide statistics make a patch's code depend on
+    /// the rest of the picture (0 = off; needs an even `micro_batch`).
+    #[serde(default)]
+    pub context_weight: f64,
 }
 
 fn default_threads() -> usize {
@@ -137,6 +144,7 @@ impl VqTrainConfig {
             threads: 1,
             micro_batch: 2,
             decoder_only: false,
+            context_weight: 0.0,
         }
     }
 }
@@ -150,6 +158,8 @@ pub struct StepStats {
     pub reconstruction: f32,
     pub codebook: f32,
     pub commitment: f32,
+    /// Mean squared latent difference of equal patches in paired images.
+    pub context: f32,
     /// Distinct codes chosen in this batch.
     pub codes_in_batch: usize,
     /// Codebook entries re-initialised after this step.
@@ -173,6 +183,12 @@ impl VqTrainer {
         cfg.validate()?;
         if tcfg.decoder_only && tcfg.restart_every != 0 {
             bail!("decoder-only VQ training must not restart codes (set restart_every to 0)");
+        }
+        if tcfg.context_weight > 0.0 && !tcfg.micro_batch.is_multiple_of(2) {
+            bail!(
+                "the VQ context loss pairs images within a micro-batch: micro_batch must be even, got {}",
+                tcfg.micro_batch
+            );
         }
         if cfg.dropout != 0.0 {
             bail!(
@@ -310,6 +326,7 @@ impl VqTrainer {
             reconstruction: batch.reconstruction,
             codebook: batch.codebook,
             commitment: batch.commitment,
+            context: batch.context,
             codes_in_batch: in_batch.iter().filter(|&&b| b).count(),
             restarted,
         })

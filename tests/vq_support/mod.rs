@@ -102,3 +102,34 @@ pub fn weights_of(varmap: &VarMap) -> HashMap<String, Vec<f32>> {
         .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
         .collect()
 }
+
+/// `pairs` pairs of images (2k, 2k + 1): a drawn-rectangles image, then the
+/// same image with one more rectangle on the `align` grid, so the two share
+/// every cell the new rectangle misses.
+pub fn paired_rectangles(pairs: usize, side: usize, align: usize, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let plane = side * side;
+    let mut data = Vec::with_capacity(pairs * 2 * 3 * plane);
+    for k in 0..pairs {
+        let first = drawn_rectangles(1, side, align, seed.wrapping_mul(1000) + k as u64);
+        let first = first.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut second = first.clone();
+        let cells = side / align;
+        let (x0, y0) = (rng.random_range(0..cells), rng.random_range(0..cells));
+        let colour = [
+            rng.random_range(-1.0f32..1.0),
+            rng.random_range(-1.0f32..1.0),
+            0.3,
+        ];
+        for c in 0..3 {
+            for y in y0 * align..(y0 + 1) * align {
+                for x in x0 * align..(x0 + 1) * align {
+                    second[c * plane + y * side + x] = colour[c];
+                }
+            }
+        }
+        data.extend(first);
+        data.extend(second);
+    }
+    Tensor::from_vec(data, (pairs * 2, 3, side, side), &Device::Cpu).unwrap()
+}

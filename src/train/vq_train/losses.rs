@@ -1,6 +1,12 @@
 //! The losses of one VQ training batch: reconstruction (shape pixels
-//! weighted), codebook and commitment; or, when only the decoder trains,
-//! reconstruction alone on frozen codes.
+//! weighted), codebook and commitment, and optionally the context loss;
+//! or, when only the decoder trains, reconstruction alone on frozen codes.
+//!
+//! The context loss exists because a base decoder learns codes best when a
+//! patch's code depends on that patch alone. GroupNorm normalises with
+//! image-wide statistics, so adding a shape elsewhere moved the codes of
+//! more than half of the other shape's patches (`examples/vq_shape_probe`).
+//! Paired images that differ in one shape teach the encoder to ignore that.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -13,6 +19,9 @@ pub struct Losses {
     pub reconstruction: Tensor,
     pub codebook: Tensor,
     pub commitment: Tensor,
+    /// Mean squared latent difference of equal patches in paired images
+    /// (zero when `context_weight` is 0), unweighted.
+    pub context: Tensor,
     /// Chosen codes (B, g*g) u32.
     pub codes: Tensor,
     /// Pre-quantization latents, one row per code, detached: (B*g*g, embed_dim).
@@ -33,11 +42,21 @@ impl VqTrainer {
         } else {
             (&q.codebook_loss + (&q.commitment_loss * self.tcfg.beta)?)?
         };
+        let mut total = (&reconstruction + vq)?;
+        let context = if self.tcfg.context_weight > 0.0 {
+            let grid = self.cfg.grid_size();
+            let context = context_loss(&out.latents, images, grid)?;
+            total = (total + (&context * self.tcfg.context_weight)?)?;
+            context
+        } else {
+            reconstruction.zeros_like()?
+        };
         Ok(Losses {
-            total: (&reconstruction + vq)?,
+            total,
             reconstruction,
             codebook: q.codebook_loss,
             commitment: q.commitment_loss,
+            context,
             codes: q.codes,
             latents: latent_rows(&out.latents)?,
         })
@@ -58,7 +77,8 @@ impl VqTrainer {
             total: reconstruction.clone(),
             reconstruction,
             codebook: zero.clone(),
-            commitment: zero,
+            commitment: zero.clone(),
+            context: zero,
             codes,
             latents: latent_rows(&z)?,
         })
@@ -79,6 +99,36 @@ impl VqTrainer {
             per_pixel.mean_all()?
         })
     }
+}
+
+/// Mean over latent cells whose pixels are equal in both images of a pair
+/// (images 2k and 2k + 1) of the squared latent difference, averaged over
+/// channels; both sides get the gradient. Zero when no cell is equal.
+pub(super) fn context_loss(latents: &Tensor, images: &Tensor, grid: usize) -> Result<Tensor> {
+    let (b, c, h, w) = latents.dims4()?;
+    if b % 2 != 0 || h != grid || w != grid {
+        anyhow::bail!(
+            "the context loss needs pairs of images on a {grid}x{grid} grid, got latents {:?}",
+            latents.dims()
+        );
+    }
+    let (_, ch, side, _) = images.dims4()?;
+    let patch = side / grid;
+    let pairs = images.reshape((b / 2, 2, ch, side, side))?;
+    let pixel_diff = (pairs.narrow(1, 0, 1)? - pairs.narrow(1, 1, 1)?)?
+        .abs()?
+        .reshape((b / 2, ch, grid, patch, grid, patch))?
+        .sum(5)?
+        .sum(3)?
+        .sum(1)?;
+    let equal = pixel_diff.le(1e-6)?.to_dtype(latents.dtype())?.detach();
+    let cells = equal.sum_all()?.to_scalar::<f32>()?;
+    let z = latents.reshape((b / 2, 2, c, grid, grid))?;
+    let latent_diff = (z.narrow(1, 0, 1)? - z.narrow(1, 1, 1)?)?
+        .sqr()?
+        .reshape((b / 2, c, grid, grid))?
+        .mean(1)?;
+    Ok(((latent_diff * equal)?.sum_all()? / cells.max(1.0) as f64)?)
 }
 
 /// Latents (B, C, h, w) -> detached rows (B*h*w, C), one per code.

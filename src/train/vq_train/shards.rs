@@ -26,6 +26,7 @@ pub(super) struct BatchGradients {
     pub reconstruction: f32,
     pub codebook: f32,
     pub commitment: f32,
+    pub context: f32,
     /// (B, g*g) u32.
     pub codes: Tensor,
     /// (B*g*g, embed_dim), detached.
@@ -37,8 +38,8 @@ struct Part {
     index: usize,
     /// Gradient per variable (aligned with `vars`), already weighted.
     grads: Vec<Option<Tensor>>,
-    /// Weighted total, reconstruction, codebook and commitment losses.
-    scalars: [f32; 4],
+    /// Weighted total, reconstruction, codebook, commitment and context losses.
+    scalars: [f32; 5],
     codes: Tensor,
     latents: Tensor,
 }
@@ -70,12 +71,13 @@ fn worker(
             .iter()
             .map(|v| grads.get(v.as_tensor()).cloned())
             .collect();
-        let mut scalars = [0f32; 4];
+        let mut scalars = [0f32; 5];
         let values = [
             &losses.total,
             &losses.reconstruction,
             &losses.codebook,
             &losses.commitment,
+            &losses.context,
         ];
         for (acc, t) in scalars.iter_mut().zip(values) {
             *acc = t.to_scalar::<f32>()? * weight as f32;
@@ -141,7 +143,7 @@ pub(super) fn batch_gradients(
     parts.sort_by_key(|p| p.index);
 
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let mut scalars = [0f32; 4];
+    let mut scalars = [0f32; 5];
     for part in &parts {
         for (sum, g) in sums.iter_mut().zip(&part.grads) {
             if let Some(g) = g {
@@ -165,6 +167,7 @@ pub(super) fn batch_gradients(
         reconstruction: scalars[1],
         codebook: scalars[2],
         commitment: scalars[3],
+        context: scalars[4],
         codes: Tensor::cat(&codes, 0)?,
         latents: Tensor::cat(&latents, 0)?,
     })

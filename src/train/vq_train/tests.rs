@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::losses::foreground_weights;
+use super::losses::{context_loss, foreground_weights};
 use super::{learning_rate_at, VqTrainConfig};
 
 /// One 4x4 image in [-1, 1]: white background, a red 2x2 block at rows 1-2,
@@ -47,4 +47,40 @@ fn learning_rate_warms_up_then_decays_to_a_tenth() {
         ..tcfg.clone()
     };
     assert_eq!(learning_rate_at(&constant, 500), 1e-3);
+}
+
+/// Two pairs of 4x4 images on a 2x2 grid of 2x2-pixel cells. Pair 0: the
+/// images differ in cell (0, 1) only; pair 1: in no cell. Latents differ by
+/// a known amount per cell, so the loss is the mean over equal cells.
+#[test]
+fn context_loss_averages_latent_differences_of_equal_cells() {
+    let dev = Device::Cpu;
+    let base = block_image()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut changed = base.clone();
+    changed[4 + 3] = 0.5; // red channel of pixel (y 1, x 3): cell (0, 1)
+    let images: Vec<f32> = [&base, &changed, &base, &base]
+        .iter()
+        .flat_map(|v| v.iter().copied())
+        .collect();
+    let images = Tensor::from_vec(images, (4, 3, 4, 4), &dev).unwrap();
+    // Latents (4, C=2, 2, 2): image 1 is image 0 plus 1 in cell (0, 0) and
+    // plus 3 in cell (0, 1); image 3 is image 2 plus 2 in cell (1, 1).
+    let mut z = vec![0f32; 4 * 2 * 4];
+    for c in 0..2 {
+        z[8 + c * 4] = 1.0; // image 1, cell (0, 0)
+        z[8 + c * 4 + 1] = 3.0; // image 1, cell (0, 1): pixels differ
+        z[24 + c * 4 + 3] = 2.0; // image 3, cell (1, 1)
+    }
+    let z = Tensor::from_vec(z, (4, 2, 2, 2), &dev).unwrap();
+    let loss = context_loss(&z, &images, 2)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // Equal cells: 3 in pair 0 (squared differences 1, 0, 0) and 4 in pair 1
+    // (0, 0, 0, 4): (1 + 4) / 7.
+    assert!((loss - 5.0 / 7.0).abs() < 1e-6, "loss {loss}");
 }
