@@ -159,7 +159,8 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
     let mixture = mixture_for("gate");
     let image_start = assets.layout.image_range.start;
     let refs: Vec<&TrainLora> = adapters.iter().collect();
-    let mut last_accuracy = 0.0;
+    // None when the stage was already finished and no batch ran.
+    let mut last_accuracy = None;
     let state = looping::run(
         "gate",
         &varmap,
@@ -182,17 +183,19 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
             base.hidden(&batch, &routing)?;
             let (rows, experts) = gated_rows(&batch, image_start);
             let (loss, acc) = gate_loss(&gate, &routing.inputs.borrow(), &rows, &experts)?;
-            last_accuracy = acc;
+            last_accuracy = Some(acc);
             Ok(StepOut {
                 loss,
                 items: rows.len(),
             })
         },
     )?;
-    eprintln!(
-        "gate: last-layer routing accuracy on the last batch {:.1}%",
-        100.0 * last_accuracy
-    );
+    if let Some(accuracy) = last_accuracy {
+        eprintln!(
+            "gate: last-layer routing accuracy on the last batch {:.1}%",
+            100.0 * accuracy
+        );
+    }
     varmap.save(run.path(crate::routing::gate::GATE_WEIGHTS_FILE))?;
     let gate_cfg = GateConfig {
         experts: EXPERTS.iter().map(|s| s.to_string()).collect(),
