@@ -14,6 +14,8 @@
 
 use std::collections::HashMap;
 
+mod common;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -27,6 +29,8 @@ use molora::train::vq_train::merge::{merged, representatives, MergeReport};
 use molora::train::vq_train::CODEBOOK;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+
+use common::{conditional_entropy, patch_pixels};
 
 fn main() -> Result<()> {
     let usage = "usage: vq_merge_probe CONFIG.json VQ.safetensors DISTANCE...";
@@ -106,27 +110,12 @@ fn main() -> Result<()> {
 
 /// Mean entropy (nats) of a patch's code given its exact pixels.
 fn code_entropy_given_patch(vq: &VqModel, images: &[image::RgbImage], grid: usize) -> Result<f64> {
-    let patch = images[0].width() as usize / grid;
     let mut by_patch: HashMap<Vec<u8>, HashMap<u32, u64>> = HashMap::new();
     for img in images {
-        for (k, code) in vq.encode_rgb(img)?.into_iter().enumerate() {
-            let (y0, x0) = ((k / grid * patch) as u32, (k % grid * patch) as u32);
-            let mut pixels = Vec::with_capacity(patch * patch * 3);
-            for y in y0..y0 + patch as u32 {
-                for x in x0..x0 + patch as u32 {
-                    pixels.extend_from_slice(&img.get_pixel(x, y).0);
-                }
-            }
-            *by_patch.entry(pixels).or_default().entry(code).or_default() += 1;
+        for (cell, code) in vq.encode_rgb(img)?.into_iter().enumerate() {
+            let codes = by_patch.entry(patch_pixels(img, grid, cell)).or_default();
+            *codes.entry(code).or_default() += 1;
         }
     }
-    let (mut nats, mut total) = (0.0, 0u64);
-    for codes in by_patch.values() {
-        let n: u64 = codes.values().sum();
-        for &c in codes.values() {
-            nats -= c as f64 * (c as f64 / n as f64).ln();
-        }
-        total += n;
-    }
-    Ok(nats / total as f64)
+    Ok(conditional_entropy(by_patch.values()))
 }

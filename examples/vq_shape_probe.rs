@@ -13,15 +13,18 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+mod common;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use image::RgbImage;
 use molora::model::vq::{VqConfig, VqModel};
 use molora::train::data::shapes::{
     Background, Colour, Position, Shape, ShapeSpec, Size, IMAGE_SIZE, PAIR_ARRANGEMENTS,
 };
 use molora::train::data::Scene;
+
+use common::{conditional_entropy, patch_pixels};
 
 fn main() -> Result<()> {
     let usage = "usage: vq_shape_probe CONFIG.json VQ.safetensors";
@@ -40,16 +43,8 @@ fn main() -> Result<()> {
     let vq = VqModel::new(&cfg, vb).context("loading the VQ")?;
     let grid = cfg.grid_size();
     let patch = IMAGE_SIZE as usize / grid;
-    let pixels_of = |img: &RgbImage, cell: usize| -> Vec<u8> {
-        let (y0, x0) = (cell / grid * patch, cell % grid * patch);
-        let mut px = Vec::with_capacity(patch * patch * 3);
-        for y in y0..y0 + patch {
-            for x in x0..x0 + patch {
-                px.extend_from_slice(&img.get_pixel(x as u32, y as u32).0);
-            }
-        }
-        px
-    };
+    let codes_of =
+        |background, shapes: Vec<ShapeSpec>| vq.encode_rgb(&Scene { background, shapes }.render());
 
     let mut distinct = BTreeMap::<&str, (usize, usize)>::new();
     let mut patches_of_code: HashMap<u32, HashMap<Vec<u8>, u64>> = HashMap::new();
@@ -73,7 +68,7 @@ fn main() -> Result<()> {
                         let codes = vq.encode_rgb(&img)?;
                         for (cell, &code) in codes.iter().enumerate() {
                             let counts = patches_of_code.entry(code).or_default();
-                            *counts.entry(pixels_of(&img, cell)).or_default() += 1;
+                            *counts.entry(patch_pixels(&img, grid, cell)).or_default() += 1;
                         }
                         grids.insert(codes);
                     }
@@ -112,31 +107,13 @@ fn main() -> Result<()> {
                             size: Size::Large,
                             position: other,
                         };
-                        let alone = vq.encode_rgb(
-                            &Scene {
-                                background,
-                                shapes: vec![first],
-                            }
-                            .render(),
-                        )?;
-                        let beside = vq.encode_rgb(
-                            &Scene {
-                                background,
-                                shapes: vec![first, second],
-                            }
-                            .render(),
-                        )?;
+                        let alone = codes_of(background, vec![first])?;
+                        let beside = codes_of(background, vec![first, second])?;
                         let moved_spec = ShapeSpec {
                             position: other,
                             ..first
                         };
-                        let moved = vq.encode_rgb(
-                            &Scene {
-                                background,
-                                shapes: vec![moved_spec],
-                            }
-                            .render(),
-                        )?;
+                        let moved = codes_of(background, vec![moved_spec])?;
                         // Positions lie on a 16-pixel grid, so a move shifts
                         // the shape by whole cells.
                         let ((c1, r1), (c2, r2)) = (at.grid(), other.grid());
@@ -172,18 +149,10 @@ fn main() -> Result<()> {
         share(kept_moved)
     );
 
-    let (mut nats, mut total) = (0.0, 0u64);
-    for counts in patches_of_code.values() {
-        let n: u64 = counts.values().sum();
-        for &c in counts.values() {
-            nats -= c as f64 * (c as f64 / n as f64).ln();
-        }
-        total += n;
-    }
     println!(
         "{} codes used; H(patch | code) {:.2} nats",
         patches_of_code.len(),
-        nats / total as f64
+        conditional_entropy(patches_of_code.values())
     );
     Ok(())
 }

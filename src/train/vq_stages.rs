@@ -202,11 +202,11 @@ fn pair_batch(rng: &mut StdRng, n: usize, side: u32, device: &Device) -> Result<
             continue;
         }
         let keep = rng.random_range(0..2);
-        let partner = [keep, 1 - keep].into_iter().map(|k| Scene {
+        let mut partner = [keep, 1 - keep].into_iter().map(|k| Scene {
             background: scene.background,
             shapes: vec![scene.shapes[k]],
         });
-        if let Some(alone) = partner.into_iter().find(|s| s.in_split(Split::Train)) {
+        if let Some(alone) = partner.find(|s| s.in_split(Split::Train)) {
             images.push(fit_square(&scene.render(), side));
             images.push(fit_square(&alone.render(), side));
         }

@@ -44,8 +44,7 @@ impl VqTrainer {
         };
         let mut total = (&reconstruction + vq)?;
         let context = if self.tcfg.context_weight > 0.0 {
-            let grid = self.cfg.grid_size();
-            let context = context_loss(&out.latents, images, grid)?;
+            let context = context_loss(&out.latents, images)?;
             total = (total + (&context * self.tcfg.context_weight)?)?;
             context
         } else {
@@ -104,11 +103,11 @@ impl VqTrainer {
 /// Mean over latent cells whose pixels are equal in both images of a pair
 /// (images 2k and 2k + 1) of the squared latent difference, averaged over
 /// channels; both sides get the gradient. Zero when no cell is equal.
-pub(super) fn context_loss(latents: &Tensor, images: &Tensor, grid: usize) -> Result<Tensor> {
-    let (b, c, h, w) = latents.dims4()?;
-    if b % 2 != 0 || h != grid || w != grid {
+pub(super) fn context_loss(latents: &Tensor, images: &Tensor) -> Result<Tensor> {
+    let (b, c, grid, w) = latents.dims4()?;
+    if b % 2 != 0 || grid != w {
         anyhow::bail!(
-            "the context loss needs pairs of images on a {grid}x{grid} grid, got latents {:?}",
+            "the context loss needs pairs of images on a square code grid, got latents {:?}",
             latents.dims()
         );
     }

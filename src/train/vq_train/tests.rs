@@ -76,7 +76,7 @@ fn context_loss_averages_latent_differences_of_equal_cells() {
         z[24 + c * 4 + 3] = 2.0; // image 3, cell (1, 1)
     }
     let z = Tensor::from_vec(z, (4, 2, 2, 2), &dev).unwrap();
-    let loss = context_loss(&z, &images, 2)
+    let loss = context_loss(&z, &images)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
