@@ -223,10 +223,13 @@ impl Routing for OracleRouting<'_> {
 /// with.
 pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
     let role = role_of(name)?;
-    let schedule = match role {
-        AdapterRole::Modality { .. } => &run.cfg.adapter,
-        AdapterRole::Semantic { .. } => &run.cfg.semantic_adapter,
+    let mut schedule = match role {
+        AdapterRole::Modality { .. } => run.cfg.adapter,
+        AdapterRole::Semantic { .. } => run.cfg.semantic_adapter,
     };
+    if let Some(&steps) = run.cfg.adapter_steps.get(name) {
+        schedule.steps = steps;
+    }
     let assets = Assets::load(run, device)?;
     let cfg = &assets.config;
     let base = frozen_base(run, cfg, device)?;
@@ -253,7 +256,7 @@ pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
     let seed = run.stage_seed(name);
     let mixture = mixture_for(name);
     let image_start = assets.layout.image_range.start;
-    train_loop(run, name, &varmap, schedule, |step| {
+    train_loop(run, name, &varmap, &schedule, |step| {
         let batch = maker.batch(
             &mixture,
             seed,
