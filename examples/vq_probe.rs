@@ -4,7 +4,11 @@
 //! model's VQ (see BENCHMARKS.md / EVAL.md); the pipeline itself trains the
 //! VQ with `molora train vq`.
 //!
-//! cargo run --release --example vq_probe -- CONFIG.json STEPS BATCH LR EVAL_EVERY [micro]
+//! cargo run --release --example vq_probe -- CONFIG.json STEPS BATCH LR EVAL_EVERY [micro] [OUT]
+//!
+//! With `ENCODER=vqgan.safetensors` the run keeps that VQ's encoder and
+//! codebook, frozen, and trains a fresh decoder of CONFIG's size alone on
+//! its codes: does a wider decoder read more back from the same codes?
 
 use std::time::Instant;
 
@@ -43,7 +47,20 @@ fn main() -> Result<()> {
         foreground_weight: std::env::var("FOREGROUND_WEIGHT").map_or(Ok(0.0), |v| v.parse())?,
         ..VqTrainConfig::new(7)
     };
+    let encoder = std::env::var("ENCODER").ok();
+    let tcfg = match encoder {
+        Some(_) => VqTrainConfig {
+            decoder_only: true,
+            restart_every: 0,
+            decay_steps: steps,
+            ..tcfg
+        },
+        None => tcfg,
+    };
     let mut trainer = VqTrainer::new(&cfg, &tcfg, &device)?;
+    if let Some(path) = &encoder {
+        load_encoder_side(&trainer, path, &device)?;
+    }
     let side = cfg.resolution as u32;
     let scenes = held_out_scenes(100, 1);
     let started = Instant::now();
@@ -96,4 +113,23 @@ fn evaluate(trainer: &VqTrainer, scenes: &[Scene], side: u32) -> Result<(Attribu
         tally.add(&check(&at_checker_size(recon), scene));
     }
     Ok((tally, db / scenes.len() as f64))
+}
+
+/// Sets every weight outside the decoder (`decoder.*`, `post_quant_conv.*`)
+/// from the VQ at `path`: the encoder, `quant_conv` and the codebook.
+fn load_encoder_side(trainer: &VqTrainer, path: &str, device: &Device) -> Result<()> {
+    let weights = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{path}: cannot read VQ weights"))?;
+    let vars = trainer.varmap().data().lock().unwrap();
+    for (name, var) in vars.iter() {
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            continue;
+        }
+        let w = weights
+            .get(name)
+            .with_context(|| format!("{path}: no {name}"))?;
+        var.set(w)
+            .with_context(|| format!("{name}: the encoder side of {path} does not fit CONFIG"))?;
+    }
+    Ok(())
 }

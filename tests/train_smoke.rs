@@ -12,10 +12,13 @@ use molora::train::stages;
 fn every_stage_runs_and_the_model_directory_serves() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny");
+    let mut cfg = PipelineConfig::tiny();
+    // One adapter's own step count overrides its schedule's.
+    cfg.adapter_steps.insert("code".into(), 1);
     let run = Run {
         out: out.clone(),
         seed: 7,
-        cfg: PipelineConfig::tiny(),
+        cfg,
     };
     let dev = Device::Cpu;
     stages::all(&run, &dev).unwrap();
@@ -57,6 +60,13 @@ fn every_stage_runs_and_the_model_directory_serves() {
     ] {
         assert!(stages.contains(&s), "{s} not in {stages:?}");
     }
+    let steps = |stage: &str| {
+        let entry = log.iter().find(|e| e["stage"] == stage).unwrap();
+        entry["steps"].as_u64().unwrap()
+    };
+    assert_eq!(steps("code"), 1);
+    assert_eq!(steps("math"), run.cfg.semantic_adapter.steps);
+    assert!(run.cfg.semantic_adapter.steps > 1);
     let weights = std::fs::read(out.join("model.safetensors")).unwrap();
     // A finished run resumes at its last step: nothing changes.
     stages::all(&run, &dev).unwrap();

@@ -77,29 +77,19 @@ pub fn mixture_for(stage: &str) -> Mixture {
             (1.0, m(DescribeAndCompute)),
         ],
         "code" => vec![(3.0, t(Task::Code)), (1.0, m(CodeAndResult))],
-        // Captions, and the caption-domain text of interleaved and mixed
-        // answers: a drawing's answer is image rows, which this adapter
-        // does not serve, so drawings would only dilute its gradient.
         "caption" => vec![
-            (5.0, t(Task::Caption)),
+            (2.0, t(Task::Caption)),
+            (2.0, t(Task::Draw)),
             (1.0, Source::Interleaved),
             (1.0, m(DrawAndSides)),
             (1.0, m(DescribeAndCompute)),
         ],
-        // The text LoRA serves every text row on top of a base that already
-        // learned them all: it gains only where its batches hold more text
-        // answers than the base's did, so no pictures to draw.
-        "text" => vec![
-            (4.0, t(Task::Arithmetic)),
-            (2.0, t(Task::Code)),
-            (2.0, t(Task::Caption)),
-            (1.0, m(CodeAndResult)),
-            (1.0, m(DrawAndSides)),
-            (1.0, m(DrawAndCompute)),
-            (1.0, m(DescribeAndCompute)),
-        ],
-        // base, gate: everything. Drawing weighs most: the base's
-        // loss on image codes is what limits the drawn pictures. Pictures
+        // base, text, gate: everything. Drawing weighs most: the base's
+        // loss on image codes is what limits the drawn pictures. The text
+        // and caption LoRAs need the drawings too: a drawing's prompt is
+        // text rows they serve, which the picture's codes attend to (trained
+        // without drawings, they cost the pictures 10 points of colour:
+        // README, "Training the demo model"). Pictures
         // without a caption teach the unconditional distribution that
         // classifier-free guidance (`cfg_scale`) subtracts.
         _ => vec![
@@ -177,11 +167,11 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// The shipped demo model: about 86 minutes on this 2-core machine (vq
-    /// ~0.9 s/step, vq_decoder ~0.51, base ~0.83 at ~1,000 tokens/s,
+    /// The shipped demo model: about 88.5 minutes on this 2-core machine (vq
+    /// ~1.0 s/step, vq_decoder ~0.52, base ~0.84 at ~1,000 tokens/s,
     /// adapters ~1.0-1.2, gate ~0.4; README, "Training the demo model").
-    /// The VQ's 1,000 steps plus 800 decoder-only steps on the merged codes
-    /// read back 92% of colours; the base gets the rest of the budget.
+    /// The base gets most of the budget; 1,100 decoder-only steps on the
+    /// merged codes cost it nothing (its codes do not move).
     pub fn demo() -> Self {
         let sched = |steps, lr, warmup| Schedule {
             steps,
