@@ -21,7 +21,9 @@ pub struct Common {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Sizes and schedules: `demo` (the shipped model) or `tiny` (seconds).
+    /// Sizes and schedules: `demo` (the shipped model), `probe` (a few steps
+    /// of each stage at demo sizes), `tiny` (seconds), or a JSON file (e.g.
+    /// an edited copy of a run's checkpoints/pipeline.json).
     #[arg(long, default_value = "demo")]
     pub preset: String,
 }

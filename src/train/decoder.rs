@@ -21,12 +21,13 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::batch::PackedBatch;
+use super::fused;
 use super::lora::TrainLora;
 use crate::adapters::Projection;
 use crate::model::config::Config;
 
 /// Chameleon's per-head layer-norm epsilon (transformers' default).
-const HEAD_NORM_EPS: f64 = 1e-5;
+pub(super) const HEAD_NORM_EPS: f64 = 1e-5;
 
 /// Adapters of one layer: each with a per-token weight `[N, 1]`.
 pub type LayerAdapters<'a> = Vec<(&'a TrainLora, Tensor)>;
@@ -69,6 +70,8 @@ pub struct TrainDecoder {
     /// `[max_positions, head_dim / 2]`
     cos: Tensor,
     sin: Tensor,
+    /// Element-wise parts through [`super::fused`] (where usable).
+    fused: bool,
 }
 
 /// `x·Wᵀ` for `x` `[N, in]`, `w` `[out, in]`.
@@ -84,7 +87,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Layer norm over each head's `head_dim` (no affine), then the per-head
 /// weight and bias: `x` `[N, heads, head_dim]`.
-fn head_norm(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+pub(super) fn head_norm(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -96,7 +99,7 @@ fn head_norm(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
 
 /// Non-interleaved RoPE ("rotate_half") on `x` `[N, heads, head_dim]` with
 /// per-row `cos`/`sin` `[N, half]`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(super) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(2)? / 2;
     let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
     let x1 = x.narrow(2, 0, half)?;
@@ -161,7 +164,16 @@ impl TrainDecoder {
             lm_head,
             cos,
             sin,
+            fused: false,
         })
+    }
+
+    /// Runs the norms, RoPE, the attention softmax and SiLU·up as the fused
+    /// kernels of [`super::fused`] on f32 CPU tensors: the same function,
+    /// fewer passes over memory, different float rounding.
+    pub fn with_fused_ops(mut self, on: bool) -> Self {
+        self.fused = on;
+        self
     }
 
     pub fn config(&self) -> &Config {
@@ -179,16 +191,25 @@ impl TrainDecoder {
         let sin = self.sin.index_select(&batch.positions, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = self.embed.index_select(&batch.ids, 0)?; // [N, d]
+        let fused = self.fused && fused::usable(&x);
+        let norm = |x: &Tensor, w: &Tensor| match fused {
+            true => fused::rms_norm(x, w, eps),
+            false => rms_norm(x, w, eps),
+        };
+        let norm_rope = |x: &Tensor, wb: &(Tensor, Tensor)| match fused {
+            true => fused::head_norm_rope(x, &wb.0, &wb.1, &cos, &sin, HEAD_NORM_EPS),
+            false => rope(&head_norm(x, wb)?, &cos, &sin),
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             // 1. attention: h = x + o(attn(norm(x)))
-            let xn = rms_norm(&x, &layer.input_norm, eps)?;
+            let xn = norm(&x, &layer.input_norm)?;
             let adapters = routing.layer_adapters(li, &xn)?;
             let proj = |x: &Tensor, w: &Tensor, p: Projection| project(x, w, p, li, &adapters);
             let q = proj(&xn, &layer.q, Projection::QProj)?.reshape((n, h, hd))?;
             let k = proj(&xn, &layer.k, Projection::KProj)?.reshape((n, kvh, hd))?;
             let v = proj(&xn, &layer.v, Projection::VProj)?.reshape((n, kvh, hd))?;
-            let q = rope(&head_norm(&q, &layer.q_norm)?, &cos, &sin)?;
-            let k = rope(&head_norm(&k, &layer.k_norm)?, &cos, &sin)?;
+            let q = norm_rope(&q, &layer.q_norm)?;
+            let k = norm_rope(&k, &layer.k_norm)?;
             // (N, heads, hd) -> (B, heads, T, hd); KV heads repeated per group.
             let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
             let expand = |z: Tensor| -> Result<Tensor> {
@@ -199,21 +220,30 @@ impl TrainDecoder {
                     .reshape((b, h, t, hd))
             };
             let (k, v) = (expand(k)?, expand(v)?);
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&batch.mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?;
+            let probs = match fused {
+                true => fused::masked_softmax(&scores, &batch.mask, scale)?,
+                false => {
+                    let scores = (scores * scale)?.broadcast_add(&batch.mask)?;
+                    candle_nn::ops::softmax(&scores, D::Minus1)?
+                }
+            };
             let mixed = probs
                 .matmul(&v.contiguous()?)? // (B, h, T, hd)
                 .transpose(1, 2)?
                 .reshape((n, h * hd))?;
             x = (x + proj(&mixed, &layer.o, Projection::OProj)?)?;
             // 2. MLP: out = h + down(silu(gate(norm(h))) · up(norm(h)))
-            let hn = rms_norm(&x, &layer.post_norm, eps)?;
+            let hn = norm(&x, &layer.post_norm)?;
             let g = proj(&hn, &layer.gate, Projection::GateProj)?;
             let u = proj(&hn, &layer.up, Projection::UpProj)?;
-            let act = (candle_nn::ops::silu(&g)? * u)?;
+            let act = match fused {
+                true => fused::silu_mul(&g, &u)?,
+                false => (candle_nn::ops::silu(&g)? * u)?,
+            };
             x = (x + proj(&act, &layer.down, Projection::DownProj)?)?;
         }
-        rms_norm(&x, &self.norm, eps)
+        norm(&x, &self.norm)
     }
 
     /// `[B·T, vocab]`.

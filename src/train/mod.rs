@@ -10,6 +10,7 @@ pub mod data;
 pub mod batch;
 pub mod cli;
 pub mod decoder;
+pub mod fused;
 pub mod gate_train;
 pub mod looping;
 pub mod lora;

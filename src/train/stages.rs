@@ -141,7 +141,8 @@ pub fn base(run: &Run, device: &Device) -> Result<()> {
     let assets = Assets::load(run, device)?;
     let cfg = &assets.config;
     let varmap = VarMap::new();
-    let model = TrainDecoder::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let model = TrainDecoder::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?
+        .with_fused_ops(run.cfg.fused_ops);
     set_vars(&varmap, &init_tensors(cfg, run.stage_seed("base-init"))?)?;
     let mut maker = assets.maker();
     let (seed, pc) = (run.stage_seed("base"), &run.cfg);
@@ -176,7 +177,7 @@ pub fn frozen_base(run: &Run, cfg: &Config, device: &Device) -> Result<TrainDeco
     }
     // SAFETY: the file is not modified while mapped.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device)? };
-    Ok(TrainDecoder::new(cfg, vb)?)
+    Ok(TrainDecoder::new(cfg, vb)?.with_fused_ops(run.cfg.fused_ops))
 }
 
 /// A trained adapter of the model directory, frozen.

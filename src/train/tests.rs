@@ -56,13 +56,21 @@ fn inference_logits(model: &Decoder, ids: &[u32]) -> Vec<Vec<f32>> {
 /// weights, for each sequence of a row (positions restart, no cross-talk).
 #[test]
 fn train_decoder_matches_inference_decoder() {
+    for fused in [false, true] {
+        train_decoder_matches_inference_decoder_with(fused);
+    }
+}
+
+fn train_decoder_matches_inference_decoder_with(fused: bool) {
     let cfg = tiny_config();
     let dev = Device::Cpu;
     let tensors = init_tensors(&cfg, 3).unwrap();
     let map = tensors.iter().cloned().collect();
     let infer = Decoder::new(&cfg, VarBuilder::from_tensors(map, DType::F32, &dev)).unwrap();
     let map = tensors.into_iter().collect();
-    let train = TrainDecoder::new(&cfg, VarBuilder::from_tensors(map, DType::F32, &dev)).unwrap();
+    let train = TrainDecoder::new(&cfg, VarBuilder::from_tensors(map, DType::F32, &dev))
+        .unwrap()
+        .with_fused_ops(fused);
 
     let a = [1u32, 7, 9, 33, 41, 45, 12];
     let b = [1u32, 20, 21];
@@ -81,7 +89,10 @@ fn train_decoder_matches_inference_decoder() {
             worst = worst.max((x - y).abs());
         }
     }
-    assert!(worst < 1e-4, "largest logit difference {worst}");
+    assert!(
+        worst < 1e-4,
+        "fused {fused}: largest logit difference {worst}"
+    );
 }
 
 /// Names and values of variables whose gradient is missing or all zero.
@@ -148,17 +159,53 @@ fn labelled_batch(dev: &Device) -> PackedBatch {
 fn every_base_variable_receives_a_gradient() {
     let cfg = tiny_config();
     let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let model =
-        TrainDecoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
-    set_vars(&varmap, &init_tensors(&cfg, 1).unwrap()).unwrap();
-    let batch = labelled_batch(&dev);
-    let grads = model.loss(&batch, &NoAdapters).unwrap().backward().unwrap();
-    assert_eq!(dead_vars(&varmap, &grads), Vec::<String>::new());
-    assert_eq!(
-        varmap.all_vars().len(),
-        crate::model::weights::expected_tensors(&cfg).len()
-    );
+    let mut grads_of = Vec::new();
+    for fused in [false, true] {
+        let varmap = VarMap::new();
+        let model = TrainDecoder::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))
+            .unwrap()
+            .with_fused_ops(fused);
+        set_vars(&varmap, &init_tensors(&cfg, 1).unwrap()).unwrap();
+        let batch = labelled_batch(&dev);
+        let grads = model.loss(&batch, &NoAdapters).unwrap().backward().unwrap();
+        assert_eq!(
+            dead_vars(&varmap, &grads),
+            Vec::<String>::new(),
+            "fused {fused}"
+        );
+        assert_eq!(
+            varmap.all_vars().len(),
+            crate::model::weights::expected_tensors(&cfg).len()
+        );
+        let data = varmap.data().lock().unwrap();
+        let mut named: Vec<(String, Vec<f32>)> = data
+            .iter()
+            .map(|(name, var)| {
+                let g = grads
+                    .get(var)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                (name.clone(), g)
+            })
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        grads_of.push(named);
+    }
+    // The fused kernels compute the same gradients, to float rounding.
+    for ((name, composed), (_, fused)) in grads_of[0].iter().zip(&grads_of[1]) {
+        let scale = composed.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let worst = composed
+            .iter()
+            .zip(fused)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "{name}: gradients differ by {worst} (largest {scale})"
+        );
+    }
 }
 
 /// Every adapter variable gets a gradient once B has left zero (one step:
