@@ -154,7 +154,7 @@ fn main() -> Result<()> {
 }
 
 /// Three ~85-token sequences per row, random ids, every target weighed 1.
-fn batch(cfg: &Config, dev: &Device) -> candle_core::Result<PackedBatch> {
+fn batch(cfg: &Config, dev: &Device) -> Result<PackedBatch> {
     let mut rng = StdRng::seed_from_u64(7);
     let seqs: Vec<TrainSeq> = (0..ROWS * (LEN / SEQ))
         .map(|_| TrainSeq {
