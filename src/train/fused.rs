@@ -16,7 +16,8 @@
 //!   ([`usable`]).
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
+    Tensor,
 };
 use rayon::prelude::*;
 
@@ -25,19 +26,33 @@ pub fn usable(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
 }
 
-/// Borrows the f32 data of a CPU tensor (made contiguous first).
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(CpuStorage::F32(data)) => {
-            let (a, b) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("fused op: not contiguous".into()))?;
-            Ok(f(&data[a..b]))
+/// The f32 data of a contiguous CPU tensor, borrowed (its storage stays
+/// read-locked while the view lives).
+struct F32View<G> {
+    storage: G,
+    range: (usize, usize),
+}
+
+impl<G: std::ops::Deref<Target = Storage>> F32View<G> {
+    fn data(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(data)) => &data[self.range.0..self.range.1],
+            _ => unreachable!("checked in view()"),
         }
-        _ => candle_core::bail!("fused op: f32 CPU tensors only"),
     }
+}
+
+/// Borrows the data of `t`, which must be contiguous: the ops make their
+/// inputs so on entry, and gradients before use.
+fn view(t: &Tensor) -> Result<F32View<impl std::ops::Deref<Target = Storage> + '_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let range = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: not contiguous".into()))?;
+    if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+        candle_core::bail!("fused op: f32 CPU tensors only")
+    }
+    Ok(F32View { storage, range })
 }
 
 /// The f32 slice of a contiguous CPU storage argument.
@@ -105,31 +120,30 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = w.dim(0)?;
-        let (dx, dw) = with_f32(x, |x| {
-            with_f32(w, |w| {
-                with_f32(grad, |g| {
-                    let mut dx = vec![0f32; x.len()];
-                    dx.par_chunks_mut(d)
-                        .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-                        .for_each(|(dx, (x, g))| {
-                            let r = self.inv_rms(x);
-                            let c: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| x * g * w).sum();
-                            let k = c * r * r * r / d as f32;
-                            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
-                                *dx = r * g * w - x * k;
-                            }
-                        });
-                    let mut dw = vec![0f32; d];
-                    for (x, g) in x.chunks(d).zip(g.chunks(d)) {
-                        let r = self.inv_rms(x);
-                        for ((dw, x), g) in dw.iter_mut().zip(x).zip(g) {
-                            *dw += g * x * r;
-                        }
+        let (dx, dw) = {
+            let grad = grad.contiguous()?;
+            let (x_view, w_view, g_view) = (view(x)?, view(w)?, view(&grad)?);
+            let (x, w, g) = (x_view.data(), w_view.data(), g_view.data());
+            let mut dx = vec![0f32; x.len()];
+            dx.par_chunks_mut(d)
+                .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                .for_each(|(dx, (x, g))| {
+                    let r = self.inv_rms(x);
+                    let c: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| x * g * w).sum();
+                    let k = c * r * r * r / d as f32;
+                    for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                        *dx = r * g * w - x * k;
                     }
-                    (dx, dw)
-                })
-            })
-        })???;
+                });
+            let mut dw = vec![0f32; d];
+            for (x, g) in x.chunks(d).zip(g.chunks(d)) {
+                let r = self.inv_rms(x);
+                for ((dw, x), g) in dw.iter_mut().zip(x).zip(g) {
+                    *dw += g * x * r;
+                }
+            }
+            (dx, dw)
+        };
         Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
     }
 }
@@ -147,19 +161,18 @@ pub fn head_norm_rope(
     sin: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let op = HeadNormRope {
-        cos: with_f32(&cos, <[f32]>::to_vec)?,
-        sin: with_f32(&sin, <[f32]>::to_vec)?,
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
         eps: eps as f32,
     };
     x.contiguous()?.apply_op3(w, b, op)
 }
 
 struct HeadNormRope {
-    /// `[N, half]`, row-major.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// `[N, half]`, contiguous.
+    cos: Tensor,
+    sin: Tensor,
     eps: f32,
 }
 
@@ -194,12 +207,14 @@ impl CustomOp3 for HeadNormRope {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (_, heads, hd) = l1.shape().dims3()?;
         let half = hd / 2;
+        let (cos_view, sin_view) = (view(&self.cos)?, view(&self.sin)?);
+        let (cos, sin) = (cos_view.data(), sin_view.data());
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(heads * hd)
             .zip(x.par_chunks(heads * hd))
             .enumerate()
             .for_each(|(n, (y, x))| {
-                let (cos, sin) = (&self.cos[n * half..][..half], &self.sin[n * half..][..half]);
+                let (cos, sin) = (&cos[n * half..][..half], &sin[n * half..][..half]);
                 let mut a = vec![0f32; hd];
                 for h in 0..heads {
                     let (x, y) = (&x[h * hd..][..hd], &mut y[h * hd..][..hd]);
@@ -227,57 +242,57 @@ impl CustomOp3 for HeadNormRope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, heads, hd) = x.dims3()?;
         let half = hd / 2;
+        let (cos_view, sin_view) = (view(&self.cos)?, view(&self.sin)?);
+        let (cos, sin) = (cos_view.data(), sin_view.data());
         let row = heads * hd;
-        let (dx, dw, db) = with_f32(x, |x| {
-            with_f32(w, |w| {
-                with_f32(grad, |g| {
-                    let mut dx = vec![0f32; x.len()];
-                    // Per row: dx, and this row's terms of dw and db.
-                    let mut terms = vec![0f32; 2 * x.len()];
-                    dx.par_chunks_mut(row)
-                        .zip(terms.par_chunks_mut(2 * row))
-                        .enumerate()
-                        .for_each(|(n, (dx, terms))| {
-                            let (cos, sin) =
-                                (&self.cos[n * half..][..half], &self.sin[n * half..][..half]);
-                            let (tw, tb) = terms.split_at_mut(row);
-                            let (mut z, mut gz) = (vec![0f32; hd], vec![0f32; hd]);
-                            for h in 0..heads {
-                                let at = n * row + h * hd;
-                                let inv = self.normalise(&x[at..][..hd], &mut z);
-                                let g = &g[at..][..hd];
-                                // RoPE transposed: the gradient of a = z·w + b.
-                                let ga = &mut tb[h * hd..][..hd];
-                                for j in 0..half {
-                                    ga[j] = g[j] * cos[j] + g[j + half] * sin[j];
-                                    ga[j + half] = g[j + half] * cos[j] - g[j] * sin[j];
-                                }
-                                let w = &w[h * hd..][..hd];
-                                for j in 0..hd {
-                                    tw[h * hd + j] = ga[j] * z[j];
-                                    gz[j] = ga[j] * w[j];
-                                }
-                                let mean_g = gz.iter().sum::<f32>() / hd as f32;
-                                let mean_gz =
-                                    gz.iter().zip(&z).map(|(g, z)| g * z).sum::<f32>() / hd as f32;
-                                let dx = &mut dx[h * hd..][..hd];
-                                for j in 0..hd {
-                                    dx[j] = (gz[j] - mean_g - z[j] * mean_gz) * inv;
-                                }
-                            }
-                        });
-                    let (mut dw, mut db) = (vec![0f32; row], vec![0f32; row]);
-                    for terms in terms.chunks(2 * row) {
-                        let (tw, tb) = terms.split_at(row);
-                        for j in 0..row {
-                            dw[j] += tw[j];
-                            db[j] += tb[j];
+        let (dx, dw, db) = {
+            let grad = grad.contiguous()?;
+            let (x_view, w_view, g_view) = (view(x)?, view(w)?, view(&grad)?);
+            let (x, w, g) = (x_view.data(), w_view.data(), g_view.data());
+            let mut dx = vec![0f32; x.len()];
+            // Per row: dx, and this row's terms of dw and db.
+            let mut terms = vec![0f32; 2 * x.len()];
+            dx.par_chunks_mut(row)
+                .zip(terms.par_chunks_mut(2 * row))
+                .enumerate()
+                .for_each(|(n, (dx, terms))| {
+                    let (cos, sin) = (&cos[n * half..][..half], &sin[n * half..][..half]);
+                    let (tw, tb) = terms.split_at_mut(row);
+                    let (mut z, mut gz) = (vec![0f32; hd], vec![0f32; hd]);
+                    for h in 0..heads {
+                        let at = n * row + h * hd;
+                        let inv = self.normalise(&x[at..][..hd], &mut z);
+                        let g = &g[at..][..hd];
+                        // RoPE transposed: the gradient of a = z·w + b.
+                        let ga = &mut tb[h * hd..][..hd];
+                        for j in 0..half {
+                            ga[j] = g[j] * cos[j] + g[j + half] * sin[j];
+                            ga[j + half] = g[j + half] * cos[j] - g[j] * sin[j];
+                        }
+                        let w = &w[h * hd..][..hd];
+                        for j in 0..hd {
+                            tw[h * hd + j] = ga[j] * z[j];
+                            gz[j] = ga[j] * w[j];
+                        }
+                        let mean_g = gz.iter().sum::<f32>() / hd as f32;
+                        let mean_gz =
+                            gz.iter().zip(&z).map(|(g, z)| g * z).sum::<f32>() / hd as f32;
+                        let dx = &mut dx[h * hd..][..hd];
+                        for j in 0..hd {
+                            dx[j] = (gz[j] - mean_g - z[j] * mean_gz) * inv;
                         }
                     }
-                    (dx, dw, db)
-                })
-            })
-        })???;
+                });
+            let (mut dw, mut db) = (vec![0f32; row], vec![0f32; row]);
+            for terms in terms.chunks(2 * row) {
+                let (tw, tb) = terms.split_at(row);
+                for j in 0..row {
+                    dw[j] += tw[j];
+                    db[j] += tb[j];
+                }
+            }
+            (dx, dw, db)
+        };
         Ok((
             Some(tensor(dx, x.shape())?),
             Some(tensor(dw, w.shape())?),
@@ -292,7 +307,7 @@ impl CustomOp3 for HeadNormRope {
 /// `[B, H, T, T]`, `mask` `[B, 1, T, T]` additive (0 or −∞, the diagonal 0).
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let op = MaskedSoftmax {
-        mask: with_f32(mask, <[f32]>::to_vec)?,
+        mask: mask.contiguous()?,
         heads: scores.dim(1)?,
         scale: scale as f32,
     };
@@ -300,8 +315,8 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 }
 
 struct MaskedSoftmax {
-    /// `[B, T, T]`
-    mask: Vec<f32>,
+    /// `[B, 1, T, T]`, contiguous.
+    mask: Tensor,
     heads: usize,
     scale: f32,
 }
@@ -314,6 +329,8 @@ impl CustomOp1 for MaskedSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
         let (_, _, t, _) = l.shape().dims4()?;
+        let mask_view = view(&self.mask)?;
+        let mask = mask_view.data();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(t)
             .zip(x.par_chunks(t))
@@ -321,7 +338,7 @@ impl CustomOp1 for MaskedSoftmax {
             .for_each(|(r, (y, x))| {
                 // Row r is (b, h, i): its mask row is (b, i).
                 let (b, i) = (r / (self.heads * t), r % t);
-                let m = &self.mask[(b * t + i) * t..][..t];
+                let m = &mask[(b * t + i) * t..][..t];
                 let mut max = f32::NEG_INFINITY;
                 for ((y, x), m) in y.iter_mut().zip(x).zip(m) {
                     *y = x * self.scale + m;
@@ -341,20 +358,21 @@ impl CustomOp1 for MaskedSoftmax {
 
     fn bwd(&self, _: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let t = probs.dim(3)?;
-        let dx = with_f32(probs, |p| {
-            with_f32(grad, |g| {
-                let mut dx = vec![0f32; p.len()];
-                dx.par_chunks_mut(t)
-                    .zip(p.par_chunks(t).zip(g.par_chunks(t)))
-                    .for_each(|(dx, (p, g))| {
-                        let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-                        for ((dx, p), g) in dx.iter_mut().zip(p).zip(g) {
-                            *dx = self.scale * p * (g - dot);
-                        }
-                    });
-                dx
-            })
-        })??;
+        let dx = {
+            let grad = grad.contiguous()?;
+            let (p_view, g_view) = (view(probs)?, view(&grad)?);
+            let (p, g) = (p_view.data(), g_view.data());
+            let mut dx = vec![0f32; p.len()];
+            dx.par_chunks_mut(t)
+                .zip(p.par_chunks(t).zip(g.par_chunks(t)))
+                .for_each(|(dx, (p, g))| {
+                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                    for ((dx, p), g) in dx.iter_mut().zip(p).zip(g) {
+                        *dx = self.scale * p * (g - dot);
+                    }
+                });
+            dx
+        };
         Ok(Some(tensor(dx, probs.shape())?))
     }
 }
@@ -406,28 +424,27 @@ impl CustomOp2 for SiluMul {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = with_f32(gate, |g| {
-            with_f32(up, |u| {
-                with_f32(grad, |gy| {
-                    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-                    dg.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
-                        .zip(
-                            g.par_chunks(CHUNK)
-                                .zip(u.par_chunks(CHUNK))
-                                .zip(gy.par_chunks(CHUNK)),
-                        )
-                        .for_each(|((dg, du), ((g, u), gy))| {
-                            for i in 0..g.len() {
-                                let s = sigmoid(g[i]);
-                                dg[i] = gy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                                du[i] = gy[i] * g[i] * s;
-                            }
-                        });
-                    (dg, du)
-                })
-            })
-        })???;
+        let (dg, du) = {
+            let grad = grad.contiguous()?;
+            let (g_view, u_view, gy_view) = (view(gate)?, view(up)?, view(&grad)?);
+            let (g, u, gy) = (g_view.data(), u_view.data(), gy_view.data());
+            let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(
+                    g.par_chunks(CHUNK)
+                        .zip(u.par_chunks(CHUNK))
+                        .zip(gy.par_chunks(CHUNK)),
+                )
+                .for_each(|((dg, du), ((g, u), gy))| {
+                    for i in 0..g.len() {
+                        let s = sigmoid(g[i]);
+                        dg[i] = gy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                        du[i] = gy[i] * g[i] * s;
+                    }
+                });
+            (dg, du)
+        };
         Ok((
             Some(tensor(dg, gate.shape())?),
             Some(tensor(du, up.shape())?),
