@@ -208,6 +208,7 @@ impl Engine {
                 Ok(seq) => self.running.push(seq),
                 Err(why) => {
                     self.stats.requests_failed += 1;
+                    self.publish(); // as in `end`: counted before the client hears
                     let _ = entry.events.send(InferEvent::Error(why));
                 }
             }
@@ -269,18 +270,24 @@ impl Engine {
         // Highest index first, so removing one never moves a pending index;
         // `remove` keeps the admission order the scheduler relies on.
         ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let mut retired = Vec::with_capacity(ended.len());
         for (i, progress) in ended {
             let seq = self.running.remove(i);
             self.retire(&seq);
+            match &progress {
+                Progress::Finished(_) => self.stats.requests_finished += 1,
+                Progress::Failed(_) => self.stats.requests_failed += 1,
+                Progress::Continue => {}
+            }
+            retired.push((seq, progress));
+        }
+        // Counters first, last events second: a client holding its
+        // completion must find its tokens already counted in `stats()`.
+        self.publish();
+        for (seq, progress) in retired {
             match progress {
-                Progress::Finished(reason) => {
-                    self.stats.requests_finished += 1;
-                    seq.finish(reason);
-                }
-                Progress::Failed(why) => {
-                    self.stats.requests_failed += 1;
-                    seq.fail(why);
-                }
+                Progress::Finished(reason) => seq.finish(reason),
+                Progress::Failed(why) => seq.fail(why),
                 Progress::Continue => {}
             }
         }
