@@ -17,10 +17,11 @@ use candle_core::Device;
 use molora::eval::image_checks::{held_out_scenes, psnr};
 use molora::eval::model::at_checker_size;
 use molora::model::vq::pixels::fit_square;
-use molora::model::vq::{rgb_to_tensor, VqConfig};
+use molora::model::vq::VqConfig;
 use molora::train::data::checker::{check, AttributeTally};
 use molora::train::data::Scene;
 use molora::train::data::Split;
+use molora::train::vq_stages::vq_batch;
 use molora::train::vq_train::{VqTrainConfig, VqTrainer};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -45,6 +46,8 @@ fn main() -> Result<()> {
         micro_batch: micro,
         // FOREGROUND_WEIGHT=k weighs shape pixels 1+k (VqTrainConfig::foreground_weight).
         foreground_weight: std::env::var("FOREGROUND_WEIGHT").map_or(Ok(0.0), |v| v.parse())?,
+        // SHAPE_WEIGHT=w adds the shape loss (VqTrainConfig::shape_weight).
+        shape_weight: std::env::var("SHAPE_WEIGHT").map_or(Ok(0.0), |v| v.parse())?,
         ..VqTrainConfig::new(7)
     };
     let encoder = std::env::var("ENCODER").ok();
@@ -62,36 +65,39 @@ fn main() -> Result<()> {
         load_encoder_side(&trainer, path, &device)?;
     }
     let side = cfg.resolution as u32;
+    let shape_grid = (tcfg.shape_weight > 0.0).then(|| cfg.grid_size());
     let scenes = held_out_scenes(100, 1);
     let started = Instant::now();
-    println!("| step | s/step | recon | codes/batch | PSNR dB | colour | shape | size | position | count | all |");
+    println!("| step | s/step | recon | shape loss | codes/batch | PSNR dB | colour | shape | size | position | count | all |");
     let mut done = 0;
     while done < steps {
         let target = (done + every).min(steps);
         let t0 = Instant::now();
-        let (mut recon, mut codes) = (0f64, 0usize);
+        let (mut recon, mut shape, mut codes) = (0f64, 0f64, 0usize);
         trainer.run(
             target,
             |step| {
                 let mut rng = StdRng::seed_from_u64(step.wrapping_mul(0x9E37_79B9) ^ 11);
-                let images: Vec<_> = (0..batch)
-                    .map(|_| fit_square(&Scene::random(&mut rng, Split::Train).render(), side))
+                let scenes: Vec<_> = (0..batch)
+                    .map(|_| Scene::random(&mut rng, Split::Train))
                     .collect();
-                rgb_to_tensor(&images, &device)
+                vq_batch(&scenes, side, shape_grid, &device)
             },
             None,
             |s| {
                 recon += s.reconstruction as f64;
+                shape += s.shape as f64;
                 codes = s.codes_in_batch;
             },
         )?;
         let per_step = t0.elapsed().as_secs_f64() / (target - done) as f64;
         let recon = recon / (target - done) as f64;
+        let shape = shape / (target - done) as f64;
         done = target;
         let (tally, db) = evaluate(&trainer, &scenes, side)?;
         let r = |n: usize| 100.0 * n as f64 / tally.checked.max(1) as f64;
         println!(
-            "| {done} | {per_step:.2} | {recon:.4} | {codes} | {db:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {done} | {per_step:.2} | {recon:.4} | {shape:.3} | {codes} | {db:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r(tally.colour), r(tally.shape), r(tally.size), r(tally.position), r(tally.count), r(tally.all)
         );
     }

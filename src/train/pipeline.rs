@@ -139,6 +139,10 @@ pub struct PipelineConfig {
     /// patches are pulled to equal latents (0: plain batches).
     #[serde(default)]
     pub vq_context_weight: f64,
+    /// Weight of the VQ's shape loss (see `train::vq_train::losses`): a few
+    /// latent channels must name the shape each cell belongs to (0: off).
+    #[serde(default)]
+    pub vq_shape_weight: f64,
     /// Steps of the `vq_decoder` stage (0: skipped): the decoder alone, on
     /// the merged codes.
     #[serde(default)]
@@ -197,6 +201,7 @@ impl PipelineConfig {
             vq_foreground_weight: 5.0,
             vq_merge_distance: 0.5,
             vq_context_weight: 2.0,
+            vq_shape_weight: 0.0,
             vq_decoder_steps: 1100,
             decoder: DecoderSize {
                 hidden_size: 256,
@@ -252,6 +257,7 @@ impl PipelineConfig {
             vq_foreground_weight: 5.0,
             vq_merge_distance: 0.7,
             vq_context_weight: 1.0,
+            vq_shape_weight: 1.0,
             vq_decoder_steps: 2,
             decoder: DecoderSize {
                 hidden_size: 32,
@@ -333,6 +339,13 @@ impl PipelineConfig {
             bail!(
                 "adapter_steps names {name:?}, which the pipeline does not train (it trains {})",
                 ADAPTERS.join(", ")
+            );
+        }
+        let classes = 1 + crate::train::data::shapes::Shape::ALL.len();
+        if self.vq_shape_weight > 0.0 && self.vq.embed_dim < classes {
+            bail!(
+                "vq_shape_weight needs {classes} latent channels to name a cell's shape, but vq.embed_dim is {}",
+                self.vq.embed_dim
             );
         }
         Ok(())

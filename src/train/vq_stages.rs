@@ -12,11 +12,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::batch::mix;
-use super::data::shapes::Scene;
+use super::data::shapes::{Scene, Shape};
 use super::data::Split;
 use super::looping;
 use super::pipeline::{record, Run, StageLog};
-use super::vq_train::{VqTrainConfig, VqTrainer, CHECKPOINT_STATE};
+use super::vq_train::{VqBatch, VqTrainConfig, VqTrainer, CHECKPOINT_STATE};
 use crate::engine::images::VQ_WEIGHTS_FILE;
 use crate::model::vq::pixels::fit_square;
 use crate::model::vq::rgb_to_tensor;
@@ -29,6 +29,7 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
     let tcfg = VqTrainConfig {
         decay_steps: cfg.vq_steps,
         context_weight: cfg.vq_context_weight,
+        shape_weight: cfg.vq_shape_weight,
         ..train_config(run, seed)
     };
     let _one_thread = MatmulThreads::set(1);
@@ -107,6 +108,7 @@ fn train(
     let side = run.cfg.vq.resolution as u32;
     let batch = run.cfg.vq_batch;
     let paired = trainer.train_config().context_weight > 0.0;
+    let shape_grid = (trainer.train_config().shape_weight > 0.0).then(|| run.cfg.vq.grid_size());
     let bar = indicatif::ProgressBar::new(steps);
     bar.set_position(trainer.step_count());
     let mut log = Vec::new();
@@ -115,28 +117,30 @@ fn train(
         steps,
         |step| {
             let rng = &mut StdRng::seed_from_u64(mix(seed, step));
-            if paired {
-                pair_batch(rng, batch, side, device)
+            let scenes = if paired {
+                scene_pairs(rng, batch)?
             } else {
-                scene_batch(rng, batch, side, device)
-            }
+                random_scenes(rng, batch)
+            };
+            vq_batch(&scenes, side, shape_grid, device)
         },
         Some(dir),
         |s| {
             bar.set_position(s.step);
             bar.set_message(format!(
-                "recon {:.4} context {:.4} codes {}",
-                s.reconstruction, s.context, s.codes_in_batch
+                "recon {:.4} context {:.4} shape {:.3} codes {}",
+                s.reconstruction, s.context, s.shape, s.codes_in_batch
             ));
             window = (window.0 + s.reconstruction as f64, window.1 + 1);
             if s.step.is_multiple_of(looping::LOG_WINDOW) {
                 log.push((window.0 / window.1 as f64) as f32);
                 if bar.is_hidden() {
                     eprintln!(
-                        "{stage}: step {} recon {:.4} context {:.4} codes in batch {}",
+                        "{stage}: step {} recon {:.4} context {:.4} shape {:.3} codes in batch {}",
                         s.step,
                         log.last().unwrap(),
                         s.context,
+                        s.shape,
                         s.codes_in_batch
                     );
                 }
@@ -174,29 +178,25 @@ fn record_stage(
 fn usage_sample(seed: u64, side: u32, device: &Device) -> Result<Vec<Tensor>> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..16)
-        .map(|_| scene_batch(&mut rng, 32, side, device))
+        .map(|_| scene_images(&random_scenes(&mut rng, 32), side, device))
         .collect()
 }
 
-/// `n` random training scenes drawn from `rng`, as one (n, 3, side, side)
-/// tensor in [-1, 1].
-fn scene_batch(rng: &mut StdRng, n: usize, side: u32, device: &Device) -> Result<Tensor> {
-    let images: Vec<_> = (0..n)
-        .map(|_| fit_square(&Scene::random(rng, Split::Train).render(), side))
-        .collect();
-    rgb_to_tensor(&images, device)
+/// `n` random training scenes drawn from `rng`.
+fn random_scenes(rng: &mut StdRng, n: usize) -> Vec<Scene> {
+    (0..n).map(|_| Scene::random(rng, Split::Train)).collect()
 }
 
 /// `n / 2` pairs for the context loss: a random two-shape training scene,
 /// then the same scene with one of its shapes left out (also a training
-/// scene), as one (n, 3, side, side) tensor in [-1, 1].
-fn pair_batch(rng: &mut StdRng, n: usize, side: u32, device: &Device) -> Result<Tensor> {
+/// scene).
+fn scene_pairs(rng: &mut StdRng, n: usize) -> Result<Vec<Scene>> {
     anyhow::ensure!(
         n.is_multiple_of(2),
         "a batch of image pairs needs an even size, got {n}"
     );
-    let mut images = Vec::with_capacity(n);
-    while images.len() < n {
+    let mut scenes = Vec::with_capacity(n);
+    while scenes.len() < n {
         let scene = Scene::random(rng, Split::Train);
         if scene.shapes.len() != 2 {
             continue;
@@ -207,11 +207,51 @@ fn pair_batch(rng: &mut StdRng, n: usize, side: u32, device: &Device) -> Result<
             shapes: vec![scene.shapes[k]],
         });
         if let Some(alone) = partner.find(|s| s.in_split(Split::Train)) {
-            images.push(fit_square(&scene.render(), side));
-            images.push(fit_square(&alone.render(), side));
+            scenes.push(scene);
+            scenes.push(alone);
         }
     }
+    Ok(scenes)
+}
+
+/// The scenes' pictures as (n, 3, side, side) in [-1, 1].
+fn scene_images(scenes: &[Scene], side: u32, device: &Device) -> Result<Tensor> {
+    let images: Vec<_> = scenes
+        .iter()
+        .map(|s| fit_square(&s.render(), side))
+        .collect();
     rgb_to_tensor(&images, device)
+}
+
+/// A VQ training batch of `scenes`; with `shape_grid`, each latent cell's
+/// one-hot shape class too ([`shape_targets`]).
+pub fn vq_batch(
+    scenes: &[Scene],
+    side: u32,
+    shape_grid: Option<usize>,
+    device: &Device,
+) -> Result<VqBatch> {
+    Ok(VqBatch {
+        images: scene_images(scenes, side, device)?,
+        patch_shapes: match shape_grid {
+            Some(grid) => Some(shape_targets(scenes, grid, device)?),
+            None => None,
+        },
+    })
+}
+
+/// One-hot shape classes (n, 1 + shapes, grid, grid) of
+/// [`Scene::patch_shapes`], the targets of the VQ's shape loss.
+pub fn shape_targets(scenes: &[Scene], grid: usize, device: &Device) -> Result<Tensor> {
+    let classes = 1 + Shape::ALL.len();
+    let cells = grid * grid;
+    let mut one_hot = vec![0f32; scenes.len() * classes * cells];
+    for (i, scene) in scenes.iter().enumerate() {
+        for (cell, class) in scene.patch_shapes(grid as u32).into_iter().enumerate() {
+            one_hot[(i * classes + class) * cells + cell] = 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(one_hot, (scenes.len(), classes, grid, grid), device)?)
 }
 
 /// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call

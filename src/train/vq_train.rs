@@ -122,6 +122,14 @@ pub struct VqTrainConfig {
     /// the rest of the picture (0 = off; needs an even `micro_batch`).
     #[serde(default)]
     pub context_weight: f64,
+    /// Weight of the shape loss ([`losses`]): the first K latent channels,
+    /// read as logits, must name the shape that covers most of the cell
+    /// (K = the batch's `patch_shapes` classes). Edge cells of different
+    /// shapes look alike in pixels, so reconstruction alone lets them share
+    /// codes and the decoder draws their average (0 = off; batches must
+    /// then carry `patch_shapes`).
+    #[serde(default)]
+    pub shape_weight: f64,
 }
 
 fn default_threads() -> usize {
@@ -147,6 +155,7 @@ impl VqTrainConfig {
             micro_batch: 2,
             decoder_only: false,
             context_weight: 0.0,
+            shape_weight: 0.0,
         }
     }
 }
@@ -162,10 +171,37 @@ pub struct StepStats {
     pub commitment: f32,
     /// Mean squared latent difference of equal patches in paired images.
     pub context: f32,
+    /// Cross-entropy of the latents' shape channels (0 when off).
+    pub shape: f32,
     /// Distinct codes chosen in this batch.
     pub codes_in_batch: usize,
     /// Codebook entries re-initialised after this step.
     pub restarted: usize,
+}
+
+/// One training batch.
+#[derive(Debug, Clone)]
+pub struct VqBatch {
+    /// (B, 3, R, R) in [-1, 1].
+    pub images: Tensor,
+    /// One-hot shape class of every latent cell (B, K, g, g), for the shape
+    /// loss: 0 = background, `1 + i` = the i-th shape kind.
+    pub patch_shapes: Option<Tensor>,
+}
+
+impl From<Tensor> for VqBatch {
+    fn from(images: Tensor) -> Self {
+        Self {
+            images,
+            patch_shapes: None,
+        }
+    }
+}
+
+impl From<&Tensor> for VqBatch {
+    fn from(images: &Tensor) -> Self {
+        images.clone().into()
+    }
 }
 
 pub struct VqTrainer {
@@ -185,6 +221,9 @@ impl VqTrainer {
         cfg.validate()?;
         if tcfg.decoder_only && tcfg.restart_every != 0 {
             bail!("decoder-only VQ training must not restart codes (set restart_every to 0)");
+        }
+        if tcfg.decoder_only && tcfg.shape_weight > 0.0 {
+            bail!("decoder-only VQ training keeps the encoder frozen: the shape loss (shape_weight) cannot apply");
         }
         if tcfg.context_weight > 0.0 && !tcfg.micro_batch.is_multiple_of(2) {
             bail!(
@@ -284,14 +323,17 @@ impl VqTrainer {
     }
 
     /// Gradients of the total loss of one batch (for checks; no update).
-    pub fn gradients(&self, images: &Tensor) -> Result<(Losses, GradStore)> {
-        let losses = self.losses(images)?;
+    pub fn gradients(&self, batch: impl Into<VqBatch>) -> Result<(Losses, GradStore)> {
+        let batch = batch.into();
+        let losses = self.losses_of(&batch.images, batch.patch_shapes.as_ref())?;
         let grads = losses.total.backward()?;
         Ok((losses, grads))
     }
 
-    /// One optimisation step on `images`, then the dead-code check.
-    pub fn train_step(&mut self, images: &Tensor) -> Result<StepStats> {
+    /// One optimisation step on a batch, then the dead-code check.
+    pub fn train_step(&mut self, batch: impl Into<VqBatch>) -> Result<StepStats> {
+        let batch = batch.into();
+        let images = &batch.images;
         self.opt
             .set_learning_rate(learning_rate_at(&self.tcfg, self.step));
         if self.step == 0 && self.tcfg.restart_every > 0 {
@@ -305,7 +347,7 @@ impl VqTrainer {
         }
         let vars = self.varmap.all_vars();
         let (threads, micro) = (self.tcfg.threads, self.tcfg.micro_batch);
-        let batch = shards::batch_gradients(self, &vars, images, threads, micro)?;
+        let batch = shards::batch_gradients(self, &vars, &batch, threads, micro)?;
         self.opt
             .step_with(|var| batch.grads.get(&var.as_tensor().id()).cloned())?;
         self.step += 1;
@@ -329,16 +371,17 @@ impl VqTrainer {
             codebook: batch.codebook,
             commitment: batch.commitment,
             context: batch.context,
+            shape: batch.shape,
             codes_in_batch: in_batch.iter().filter(|&&b| b).count(),
             restarted,
         })
     }
 
     /// Trains until `total_steps` steps are done. `next_batch(step)` gives
-    /// the images of step `step` (0-based), so a resumed run sees the same
+    /// the batch of step `step` (0-based), so a resumed run sees the same
     /// batches. Checkpoints go to `checkpoint_dir` every `checkpoint_every`
     /// steps and at the end.
-    pub fn run<F, G>(
+    pub fn run<F, B, G>(
         &mut self,
         total_steps: u64,
         mut next_batch: F,
@@ -346,12 +389,13 @@ impl VqTrainer {
         mut on_step: G,
     ) -> Result<()>
     where
-        F: FnMut(u64) -> Result<Tensor>,
+        F: FnMut(u64) -> Result<B>,
+        B: Into<VqBatch>,
         G: FnMut(&StepStats),
     {
         while self.step < total_steps {
-            let images = next_batch(self.step)?;
-            let stats = self.train_step(&images)?;
+            let batch = next_batch(self.step)?;
+            let stats = self.train_step(batch)?;
             on_step(&stats);
             if let Some(dir) = checkpoint_dir {
                 let every = self.tcfg.checkpoint_every;

@@ -311,6 +311,34 @@ impl Scene {
         img
     }
 
+    /// The shape class of each cell of a `grid` x `grid` partition of the
+    /// picture, row by row: 0 where no shape shows, `1 + i` where
+    /// `Shape::ALL[i]` covers most of the cell's shape pixels. The VQ's
+    /// shape loss learns from these (`train::vq_train::losses`).
+    pub fn patch_shapes(&self, grid: u32) -> Vec<usize> {
+        let cell = IMAGE_SIZE / grid;
+        let mut classes = Vec::with_capacity((grid * grid) as usize);
+        for gy in 0..grid {
+            for gx in 0..grid {
+                let mut covered = vec![0u32; Shape::ALL.len()];
+                for y in gy * cell..(gy + 1) * cell {
+                    for x in gx * cell..(gx + 1) * cell {
+                        // Later shapes paint over earlier ones, as in `render`.
+                        if let Some(spec) = self.shapes.iter().rev().find(|s| s.covers(x, y)) {
+                            covered[spec.shape as usize] += 1;
+                        }
+                    }
+                }
+                let best = (0..covered.len()).max_by_key(|&i| (covered[i], std::cmp::Reverse(i)));
+                classes.push(match best {
+                    Some(i) if covered[i] > 0 => 1 + i,
+                    _ => 0,
+                });
+            }
+        }
+        classes
+    }
+
     /// A random scene of `split` (one or two shapes, equally likely).
     pub fn random<R: Rng + ?Sized>(rng: &mut R, split: Split) -> Scene {
         loop {
@@ -377,6 +405,40 @@ mod tests {
     fn scenes(seed: u64, split: Split, n: usize) -> Vec<Scene> {
         let mut rng = StdRng::seed_from_u64(seed);
         (0..n).map(|_| Scene::random(&mut rng, split)).collect()
+    }
+
+    #[test]
+    fn patch_shapes_name_the_shape_covering_each_cell() {
+        let square = |position| ShapeSpec {
+            shape: Shape::Square,
+            colour: Colour::Red,
+            size: Size::Large,
+            position,
+        };
+        let scene = Scene {
+            background: Background::White,
+            shapes: vec![
+                square(Position::TopLeft),
+                ShapeSpec {
+                    shape: Shape::Triangle,
+                    ..square(Position::BottomRight)
+                },
+            ],
+        };
+        // 4x4 cells of 16 px. The top-left square spans pixels 3..29, so
+        // it shows in cells (0, 0), (0, 1), (1, 0) and (1, 1) only; the
+        // triangle centred on (48, 48) shows in the bottom-right four.
+        let classes = scene.patch_shapes(4);
+        let square_class = 1 + Shape::ALL.iter().position(|&s| s == Shape::Square).unwrap();
+        let triangle_class = 1 + Shape::ALL.iter().position(|&s| s == Shape::Triangle).unwrap();
+        #[rustfmt::skip]
+        let want = [
+            square_class, square_class, 0, 0,
+            square_class, square_class, 0, 0,
+            0, 0, triangle_class, triangle_class,
+            0, 0, triangle_class, triangle_class,
+        ];
+        assert_eq!(classes, want);
     }
 
     #[test]

@@ -1,12 +1,20 @@
 //! The losses of one VQ training batch: reconstruction (shape pixels
-//! weighted), codebook and commitment, and optionally the context loss;
-//! or, when only the decoder trains, reconstruction alone on frozen codes.
+//! weighted), codebook and commitment, and optionally the context and shape
+//! losses; or, when only the decoder trains, reconstruction alone on frozen
+//! codes.
 //!
 //! The context loss exists because a base decoder learns codes best when a
 //! patch's code depends on that patch alone. GroupNorm normalises with
 //! image-wide statistics, so adding a shape elsewhere moved the codes of
 //! more than half of the other shape's patches (`examples/vq_shape_probe`).
 //! Paired images that differ in one shape teach the encoder to ignore that.
+//!
+//! The shape loss exists because reconstruction alone lets the edge cells
+//! of different shapes share codes: a cell holding a circle's rim and one
+//! holding a triangle's corner differ in a few pixels, so the codebook
+//! spends its entries on colours and the decoder draws an average edge
+//! (README, "What limits the shapes"). Asking a few latent channels to name
+//! the cell's shape makes such cells far apart, so they get distinct codes.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -22,6 +30,9 @@ pub struct Losses {
     /// Mean squared latent difference of equal patches in paired images
     /// (zero when `context_weight` is 0), unweighted.
     pub context: Tensor,
+    /// Cross-entropy of the shape channels (zero when `shape_weight` is 0),
+    /// unweighted.
+    pub shape: Tensor,
     /// Chosen codes (B, g*g) u32.
     pub codes: Tensor,
     /// Pre-quantization latents, one row per code, detached: (B*g*g, embed_dim).
@@ -31,6 +42,12 @@ pub struct Losses {
 impl VqTrainer {
     /// Forward pass and losses of one batch (B, 3, R, R) in [-1, 1].
     pub fn losses(&self, images: &Tensor) -> Result<Losses> {
+        self.losses_of(images, None)
+    }
+
+    /// [`Self::losses`] with each latent cell's one-hot shape class
+    /// (B, K, g, g), required when `shape_weight` > 0.
+    pub fn losses_of(&self, images: &Tensor, patch_shapes: Option<&Tensor>) -> Result<Losses> {
         if self.tcfg.decoder_only {
             return self.decoder_losses(images);
         }
@@ -50,12 +67,23 @@ impl VqTrainer {
         } else {
             reconstruction.zeros_like()?
         };
+        let shape = if self.tcfg.shape_weight > 0.0 {
+            let targets = patch_shapes.ok_or_else(|| {
+                anyhow::anyhow!("the VQ shape loss (shape_weight > 0) needs batches with patch_shapes")
+            })?;
+            let shape = shape_loss(&out.latents, targets)?;
+            total = (total + (&shape * self.tcfg.shape_weight)?)?;
+            shape
+        } else {
+            reconstruction.zeros_like()?
+        };
         Ok(Losses {
             total,
             reconstruction,
             codebook: q.codebook_loss,
             commitment: q.commitment_loss,
             context,
+            shape,
             codes: q.codes,
             latents: latent_rows(&out.latents)?,
         })
@@ -77,7 +105,8 @@ impl VqTrainer {
             reconstruction,
             codebook: zero.clone(),
             commitment: zero.clone(),
-            context: zero,
+            context: zero.clone(),
+            shape: zero,
             codes,
             latents: latent_rows(&z)?,
         })
@@ -128,6 +157,26 @@ pub(super) fn context_loss(latents: &Tensor, images: &Tensor) -> Result<Tensor> 
         .reshape((b / 2, c, grid, grid))?
         .mean(1)?;
     Ok(((latent_diff * equal)?.sum_all()? / cells.max(1.0) as f64)?)
+}
+
+/// Mean cross-entropy over latent cells of the first K channels of
+/// `latents` (B, C, h, w), read as logits, against one-hot `targets`
+/// (B, K, h, w). Built from ops that all have a backward.
+pub(super) fn shape_loss(latents: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = latents.dims4()?;
+    let (tb, k, th, tw) = targets.dims4()?;
+    if (tb, th, tw) != (b, h, w) || k > c {
+        anyhow::bail!(
+            "shape targets {:?} do not fit latents {:?}: want (B, K <= C, h, w)",
+            targets.dims(),
+            latents.dims()
+        );
+    }
+    let logits = latents.narrow(1, 0, k)?;
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
+    let log_norm = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let log_p = shifted.broadcast_sub(&log_norm)?;
+    Ok(((log_p * targets)?.sum_all()? / -((b * h * w) as f64))?)
 }
 
 /// Latents (B, C, h, w) -> detached rows (B*h*w, C), one per code.

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use anyhow::{anyhow, Result};
 use candle_core::{Tensor, TensorId, Var};
 
-use super::VqTrainer;
+use super::{VqBatch, VqTrainer};
 
 /// The gradients and statistics of one batch.
 pub(super) struct BatchGradients {
@@ -27,6 +27,7 @@ pub(super) struct BatchGradients {
     pub codebook: f32,
     pub commitment: f32,
     pub context: f32,
+    pub shape: f32,
     /// (B, g*g) u32.
     pub codes: Tensor,
     /// (B*g*g, embed_dim), detached.
@@ -38,8 +39,9 @@ struct Part {
     index: usize,
     /// Gradient per variable (aligned with `vars`), already weighted.
     grads: Vec<Option<Tensor>>,
-    /// Weighted total, reconstruction, codebook, commitment and context losses.
-    scalars: [f32; 5],
+    /// Weighted total, reconstruction, codebook, commitment, context and
+    /// shape losses.
+    scalars: [f32; 6],
     codes: Tensor,
     latents: Tensor,
 }
@@ -55,29 +57,34 @@ fn add(sum: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
 fn worker(
     trainer: &VqTrainer,
     vars: &[Var],
-    images: &Tensor,
+    batch: &VqBatch,
     chunks: &[(usize, usize)],
     mine: impl Iterator<Item = usize>,
 ) -> Result<Vec<Part>> {
-    let b = images.dim(0)?;
+    let b = batch.images.dim(0)?;
     let mut parts = Vec::new();
     for index in mine {
         let (start, len) = chunks[index];
         let weight = len as f64 / b as f64;
-        let x = images.narrow(0, start, len)?;
-        let losses = trainer.losses(&x)?;
+        let x = batch.images.narrow(0, start, len)?;
+        let shapes = match &batch.patch_shapes {
+            Some(t) => Some(t.narrow(0, start, len)?),
+            None => None,
+        };
+        let losses = trainer.losses_of(&x, shapes.as_ref())?;
         let grads = (&losses.total * weight)?.backward()?;
         let grads = vars
             .iter()
             .map(|v| grads.get(v.as_tensor()).cloned())
             .collect();
-        let mut scalars = [0f32; 5];
+        let mut scalars = [0f32; 6];
         let values = [
             &losses.total,
             &losses.reconstruction,
             &losses.codebook,
             &losses.commitment,
             &losses.context,
+            &losses.shape,
         ];
         for (acc, t) in scalars.iter_mut().zip(values) {
             *acc = t.to_scalar::<f32>()? * weight as f32;
@@ -93,16 +100,16 @@ fn worker(
     Ok(parts)
 }
 
-/// Gradients of the mean loss over `images`, in micro-batches of at most
+/// Gradients of the mean loss over `batch`, in micro-batches of at most
 /// `micro_batch` images (0 = whole batch) over `threads` threads.
 pub(super) fn batch_gradients(
     trainer: &VqTrainer,
     vars: &[Var],
-    images: &Tensor,
+    batch: &VqBatch,
     threads: usize,
     micro_batch: usize,
 ) -> Result<BatchGradients> {
-    let b = images.dim(0)?;
+    let b = batch.images.dim(0)?;
     if b == 0 {
         return Err(anyhow!("empty training batch"));
     }
@@ -117,7 +124,7 @@ pub(super) fn batch_gradients(
         .collect();
     let threads = threads.clamp(1, chunks.len());
     let mut parts: Vec<Part> = if threads == 1 {
-        worker(trainer, vars, images, &chunks, 0..chunks.len())?
+        worker(trainer, vars, batch, &chunks, 0..chunks.len())?
     } else {
         let results: Vec<Result<Vec<Part>>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
@@ -125,7 +132,7 @@ pub(super) fn batch_gradients(
                     let chunks = &chunks;
                     s.spawn(move || {
                         let mine = (t..chunks.len()).step_by(threads);
-                        worker(trainer, vars, images, chunks, mine)
+                        worker(trainer, vars, batch, chunks, mine)
                     })
                 })
                 .collect();
@@ -143,7 +150,7 @@ pub(super) fn batch_gradients(
     parts.sort_by_key(|p| p.index);
 
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let mut scalars = [0f32; 5];
+    let mut scalars = [0f32; 6];
     for part in &parts {
         for (sum, g) in sums.iter_mut().zip(&part.grads) {
             if let Some(g) = g {
@@ -168,6 +175,7 @@ pub(super) fn batch_gradients(
         codebook: scalars[2],
         commitment: scalars[3],
         context: scalars[4],
+        shape: scalars[5],
         codes: Tensor::cat(&codes, 0)?,
         latents: Tensor::cat(&latents, 0)?,
     })

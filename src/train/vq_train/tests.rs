@@ -1,8 +1,8 @@
 //! The loss weighting and the learning-rate schedule of VQ training.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
-use super::losses::{context_loss, foreground_weights};
+use super::losses::{context_loss, foreground_weights, shape_loss};
 use super::{learning_rate_at, VqTrainConfig};
 
 /// One 4x4 image in [-1, 1]: white background, a red 2x2 block at rows 1-2,
@@ -83,4 +83,28 @@ fn context_loss_averages_latent_differences_of_equal_cells() {
     // Equal cells: 3 in pair 0 (squared differences 1, 0, 0) and 4 in pair 1
     // (0, 0, 0, 4): (1 + 4) / 7.
     assert!((loss - 5.0 / 7.0).abs() < 1e-6, "loss {loss}");
+}
+
+/// Latents (1, C=3, 1, 2): two cells whose first two channels are logits
+/// over two classes; the third channel is not a shape channel.
+#[test]
+fn shape_loss_is_the_cross_entropy_of_the_first_k_channels() {
+    let dev = Device::Cpu;
+    // Cell 0: logits (2, 0), class 0. Cell 1: logits (0, 1), class 0.
+    let z = Var::from_vec(vec![2f32, 0.0, 0.0, 1.0, 9.0, -9.0], (1, 3, 1, 2), &dev).unwrap();
+    let targets = Tensor::from_vec(vec![1f32, 1.0, 0.0, 0.0], (1, 2, 1, 2), &dev).unwrap();
+    let loss = shape_loss(z.as_tensor(), &targets).unwrap();
+    let ce = |own: f32, other: f32| -(own.exp() / (own.exp() + other.exp())).ln();
+    let want = (ce(2.0, 0.0) + ce(0.0, 1.0)) / 2.0;
+    let got = loss.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-6, "loss {got}, want {want}");
+    // d/d(logit of the target) = (p - 1) / cells; the third channel gets none.
+    let grad = loss.backward().unwrap().get(z.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let p0 = 2f32.exp() / (2f32.exp() + 1.0);
+    assert!((grad[0] - (p0 - 1.0) / 2.0).abs() < 1e-6, "{grad:?}");
+    assert!((grad[2] - (1.0 - p0) / 2.0).abs() < 1e-6, "{grad:?}");
+    assert_eq!(&grad[4..], &[0.0, 0.0]);
+    // More target classes than latent channels is an error, not a panic.
+    let too_many = Tensor::zeros((1, 4, 1, 2), DType::F32, &dev).unwrap();
+    assert!(shape_loss(z.as_tensor(), &too_many).is_err());
 }
