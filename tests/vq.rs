@@ -114,7 +114,7 @@ fn save_load_round_trip_is_exact() {
     pin_threads();
     let cfg = tiny_config();
     let mut trainer = VqTrainer::new(&cfg, &VqTrainConfig::new(5), &Device::Cpu).unwrap();
-    trainer.train_step(&rectangles(4, 16, 1)).unwrap();
+    trainer.train_step(rectangles(4, 16, 1)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vq.safetensors");
     trainer.save_weights(&path).unwrap();
