@@ -1,11 +1,10 @@
 //! The VQ trainer on tiny configurations: gradients, finite differences,
-//! loss going down, micro-batches, exact resume, and what the context and
-//! shape losses do to the codes.
+//! loss going down, micro-batches, exact resume (the context and shape
+//! losses: `tests/vq_code_losses.rs`).
 //!
 //! Run with `cargo test --release --test vq_train`. The demo-size measurement
 //! is `cargo test --release --test vq_train -- --ignored --nocapture measure_demo`.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -14,13 +13,9 @@ use candle_nn::{VarBuilder, VarMap};
 use molora::bench::cpu_seconds;
 use molora::model::vq::blocks::{AttnBlock, Downsample, ResnetBlock, Upsample};
 use molora::model::vq::{VqConfig, VqModel};
-use molora::train::data::{Scene, Split};
-use molora::train::vq_stages::vq_batch;
 use molora::train::vq_train::{
     ReconLoss, VqTrainConfig, VqTrainer, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
 };
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 
 mod vq_support;
 use vq_support::*;
@@ -206,108 +201,6 @@ fn training_reduces_reconstruction_loss() {
     );
     assert!(end < 0.5 * start, "loss {start} -> {end}");
     assert!(used.len() >= 6, "only {} codes in use", used.len());
-}
-
-/// For pairs of images (2k, 2k + 1): the cells whose pixels are equal in
-/// both images, as (pair, cell) indices.
-fn equal_cells(pairs: &Tensor, grid: usize) -> Vec<(usize, usize)> {
-    let (b, _, side, _) = pairs.dims4().unwrap();
-    let patch = side / grid;
-    let img = |i: usize| pairs.get(i).unwrap().to_vec3::<f32>().unwrap();
-    let mut cells = Vec::new();
-    for k in (0..b).step_by(2) {
-        let (a, c) = (img(k), img(k + 1));
-        for cell in 0..grid * grid {
-            let (gy, gx) = (cell / grid, cell % grid);
-            let equal = (0..3).all(|ch| {
-                (gy * patch..(gy + 1) * patch)
-                    .all(|y| (gx * patch..(gx + 1) * patch).all(|x| a[ch][y][x] == c[ch][y][x]))
-            });
-            if equal {
-                cells.push((k, cell));
-            }
-        }
-    }
-    cells
-}
-
-/// How far apart the latents of equal cells of paired images are: their
-/// mean squared distance over the mean squared distance between latents of
-/// any two cells (0: equal patches get equal latents); and the share of
-/// equal cells that get the same code.
-fn context_spread(trainer: &VqTrainer, pairs: &Tensor) -> (f64, f64) {
-    let z = trainer.model().encode_latents(pairs).unwrap();
-    let (b, c, g, _) = z.dims4().unwrap();
-    let z = z
-        .permute((0, 2, 3, 1))
-        .unwrap()
-        .reshape((b, g * g, c))
-        .unwrap();
-    let z = z.to_vec3::<f32>().unwrap();
-    let codes = trainer
-        .model()
-        .encode(pairs)
-        .unwrap()
-        .to_vec2::<u32>()
-        .unwrap();
-    let sq = |a: &[f32], b: &[f32]| -> f64 {
-        a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
-    };
-    let cells = equal_cells(pairs, g);
-    let equal: f64 = cells
-        .iter()
-        .map(|&(k, i)| sq(&z[k][i], &z[k + 1][i]))
-        .sum::<f64>()
-        / cells.len() as f64;
-    let rows: Vec<&Vec<f32>> = z.iter().flatten().collect();
-    let mut any = 0.0;
-    for (i, a) in rows.iter().enumerate() {
-        any += sq(a, rows[(i * 7 + 13) % rows.len()]);
-    }
-    let same_code = cells
-        .iter()
-        .filter(|&&(k, i)| codes[k][i] == codes[k + 1][i])
-        .count();
-    (
-        equal / (any / rows.len() as f64),
-        same_code as f64 / cells.len() as f64,
-    )
-}
-
-/// Training on pairs with the context loss brings the latents of equal
-/// patches closer together than the same run without it (here about half:
-/// the demo VQ measures its codes with `examples/vq_shape_probe`).
-#[test]
-fn the_context_loss_gives_equal_patches_equal_latents() {
-    pin_threads();
-    let trained = |context_weight: f64| {
-        let tcfg = VqTrainConfig {
-            learning_rate: 3e-3,
-            restart_every: 25,
-            context_weight,
-            ..VqTrainConfig::new(11)
-        };
-        // No attention block: like the demo VQ, context reaches a code
-        // only through the convolutions and GroupNorm's statistics.
-        let cfg = VqConfig {
-            attn_resolutions: Some(vec![]),
-            ..tiny_config()
-        };
-        let mut trainer = VqTrainer::new(&cfg, &tcfg, &Device::Cpu).unwrap();
-        let batches = |step| Ok(paired_rectangles(8, 16, 4, 100 + step));
-        trainer.run(150, batches, None, |_| {}).unwrap();
-        trainer
-    };
-    let held_out = paired_rectangles(64, 16, 4, 999);
-    let (without, codes_without) = context_spread(&trained(0.0), &held_out);
-    let (with, codes_with) = context_spread(&trained(2.0), &held_out);
-    eprintln!(
-        "equal cells: latent spread {without:.4} -> {with:.4}, same code {codes_without:.3} -> {codes_with:.3}"
-    );
-    assert!(
-        with < 0.6 * without,
-        "latent spread {without:.4} -> {with:.4}"
-    );
 }
 
 /// The distinct codes of `images` under the trainer's current codebook.
@@ -608,64 +501,4 @@ fn measure_demo() {
             cpu * 1e3 / n
         );
     }
-}
-
-/// Of the held-out cells a shape shows in, the share whose code alone
-/// tells which shape it is (each code read as its most frequent shape),
-/// as `examples/vq_merge_probe` reports it for the demo VQ.
-fn shape_named_by_code(trainer: &VqTrainer, scenes: &[Scene]) -> f64 {
-    let cfg = trainer.config();
-    let side = cfg.resolution as u32;
-    let images = vq_batch(scenes, side, None, &Device::Cpu).unwrap().images;
-    let codes = trainer.model().encode(&images).unwrap();
-    let codes = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
-    let cells = cfg.grid_size() * cfg.grid_size();
-    let mut by_code: HashMap<u32, HashMap<usize, usize>> = HashMap::new();
-    for (i, scene) in scenes.iter().enumerate() {
-        let classes = scene.patch_shapes(cfg.grid_size() as u32);
-        for (cell, class) in classes.into_iter().enumerate() {
-            if class > 0 {
-                *by_code.entry(codes[i * cells + cell]).or_default().entry(class).or_default() += 1;
-            }
-        }
-    }
-    let best: usize = by_code.values().map(|c| c.values().max().unwrap()).sum();
-    let all: usize = by_code.values().map(|c| c.values().sum::<usize>()).sum();
-    best as f64 / all as f64
-}
-
-/// With the shape loss, a cell's code tells which shape covers it; the
-/// same run without it lets shapes share codes (the demo VQ's figures are
-/// in the README, "Codes that name their shape").
-#[test]
-fn the_shape_loss_gives_each_shape_its_own_codes() {
-    pin_threads();
-    let cfg = VqConfig {
-        attn_resolutions: Some(vec![]),
-        ..tiny_config()
-    };
-    let scenes = |seed: u64, n: usize| -> Vec<Scene> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        (0..n).map(|_| Scene::random(&mut rng, Split::Train)).collect()
-    };
-    let trained = |shape_weight: f64| {
-        let tcfg = VqTrainConfig {
-            learning_rate: 3e-3,
-            restart_every: 25,
-            shape_weight,
-            ..VqTrainConfig::new(11)
-        };
-        let mut trainer = VqTrainer::new(&cfg, &tcfg, &Device::Cpu).unwrap();
-        let grid = Some(cfg.grid_size());
-        let side = cfg.resolution as u32;
-        let batches = |step| vq_batch(&scenes(100 + step, 8), side, grid, &Device::Cpu);
-        trainer.run(300, batches, None, |_| {}).unwrap();
-        trainer
-    };
-    let held_out = scenes(999, 64);
-    let without = shape_named_by_code(&trained(0.0), &held_out);
-    let with = shape_named_by_code(&trained(1.0), &held_out);
-    eprintln!("shape cells whose code names their shape: {without:.3} -> {with:.3}");
-    // Measured 0.43 -> 0.92 (32 codes, 300 steps).
-    assert!(with > 0.8 && with > without + 0.3, "{without:.3} -> {with:.3}");
 }
