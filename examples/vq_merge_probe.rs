@@ -19,7 +19,7 @@ mod common;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use molora::eval::image_checks::{held_out_scenes, psnr};
+use molora::eval::image_checks::{held_out_scenes, psnr, shape_named_by_code};
 use molora::eval::model::at_checker_size;
 use molora::model::vq::pixels::fit_square;
 use molora::model::vq::{VqConfig, VqModel};
@@ -93,7 +93,7 @@ fn main() -> Result<()> {
             (build(book.clone())?, n)
         };
         let entropy = code_entropy_given_patch(&vq, &patches, cfg.grid_size())?;
-        let named = shape_named_by_code(&vq, &patch_scenes, &patches, cfg.grid_size())?;
+        let named = shapes_named(&vq, &patch_scenes, &patches, cfg.grid_size())?;
         let mut tally = AttributeTally::default();
         let mut db = 0.0;
         for scene in &held_out {
@@ -129,30 +129,11 @@ fn code_entropy_given_patch(vq: &VqModel, images: &[image::RgbImage], grid: usiz
     Ok(conditional_entropy(by_patch.values()))
 }
 
-/// Of the cells a shape shows in, the share whose code alone tells which
-/// shape it is: each code is read as the shape it most often stands for
-/// (`Scene::patch_shapes`), and the reading is scored on the same cells.
-/// 100% when no code is shared by two shapes' cells.
-fn shape_named_by_code(
-    vq: &VqModel,
-    scenes: &[Scene],
-    images: &[image::RgbImage],
-    grid: usize,
-) -> Result<f64> {
-    let mut by_code: HashMap<u32, HashMap<usize, u64>> = HashMap::new();
+/// [`shape_named_by_code`] over every cell of `scenes`.
+fn shapes_named(vq: &VqModel, scenes: &[Scene], images: &[image::RgbImage], grid: usize) -> Result<f64> {
+    let mut cells = Vec::new();
     for (scene, img) in scenes.iter().zip(images) {
-        let classes = scene.patch_shapes(grid as u32);
-        for (code, class) in vq.encode_rgb(img)?.into_iter().zip(classes) {
-            if class > 0 {
-                *by_code.entry(code).or_default().entry(class).or_default() += 1;
-            }
-        }
+        cells.extend(vq.encode_rgb(img)?.into_iter().zip(scene.patch_shapes(grid as u32)));
     }
-    let (best, all) = by_code.values().fold((0u64, 0u64), |(best, all), classes| {
-        (
-            best + classes.values().max().copied().unwrap_or(0),
-            all + classes.values().sum::<u64>(),
-        )
-    });
-    Ok(best as f64 / all.max(1) as f64)
+    Ok(shape_named_by_code(cells))
 }

@@ -2,7 +2,10 @@
 //! pixel checker on ground-truth renderings (it must read ≥ 99% there
 //! before any generated picture is judged by it), the checker on VQ
 //! reconstructions (the best a generated picture can do), and the VQ
-//! reconstruction PSNR, all on held-out ([`Split::Test`]) scenes.
+//! reconstruction PSNR, all on held-out ([`Split::Test`]) scenes; and how
+//! well a VQ's codes tell shapes apart.
+
+use std::collections::HashMap;
 
 use anyhow::Result;
 use image::RgbImage;
@@ -94,6 +97,27 @@ pub fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
     }
 }
 
+/// Of the cells a shape shows in, the share whose code alone tells which
+/// shape covers it: each code is read as the shape it most often stands
+/// for, and the reading is scored on the same cells. `cells` holds a
+/// (code, `Scene::patch_shapes` class) pair per latent cell; background
+/// cells (class 0) are skipped. 1.0 when no code serves two shapes.
+pub fn shape_named_by_code(cells: impl IntoIterator<Item = (u32, usize)>) -> f64 {
+    let mut by_code: HashMap<u32, HashMap<usize, u64>> = HashMap::new();
+    for (code, class) in cells {
+        if class > 0 {
+            *by_code.entry(code).or_default().entry(class).or_default() += 1;
+        }
+    }
+    let (best, all) = by_code.values().fold((0u64, 0u64), |(best, all), classes| {
+        (
+            best + classes.values().max().copied().unwrap_or(0),
+            all + classes.values().sum::<u64>(),
+        )
+    });
+    best as f64 / all.max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +130,14 @@ mod tests {
         let want = 10.0 * (255.0f64.powi(2) / (100.0 / 3.0)).log10();
         assert!((psnr(&a, &b) - want).abs() < 1e-9);
         assert_eq!(psnr(&a, &a), 100.0);
+    }
+
+    #[test]
+    fn a_code_is_read_as_the_shape_it_most_often_stands_for() {
+        // Code 1 serves shape 1 twice and shape 2 once; code 3 only shape 2;
+        // code 2 only background, which does not count.
+        let cells = [(1, 1), (1, 1), (1, 2), (2, 0), (3, 2)];
+        assert_eq!(shape_named_by_code(cells), 3.0 / 4.0);
+        assert_eq!(shape_named_by_code([(2u32, 0usize)]), 0.0);
     }
 }
