@@ -130,10 +130,19 @@ fn code_entropy_given_patch(vq: &VqModel, images: &[image::RgbImage], grid: usiz
 }
 
 /// [`shape_named_by_code`] over every cell of `scenes`.
-fn shapes_named(vq: &VqModel, scenes: &[Scene], images: &[image::RgbImage], grid: usize) -> Result<f64> {
+fn shapes_named(
+    vq: &VqModel,
+    scenes: &[Scene],
+    images: &[image::RgbImage],
+    grid: usize,
+) -> Result<f64> {
     let mut cells = Vec::new();
     for (scene, img) in scenes.iter().zip(images) {
-        cells.extend(vq.encode_rgb(img)?.into_iter().zip(scene.patch_shapes(grid as u32)));
+        cells.extend(
+            vq.encode_rgb(img)?
+                .into_iter()
+                .zip(scene.patch_shapes(grid as u32)),
+        );
     }
     Ok(shape_named_by_code(cells))
 }

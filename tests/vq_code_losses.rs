@@ -121,10 +121,14 @@ fn the_context_loss_gives_equal_patches_equal_latents() {
 /// [`shape_named_by_code`] over every cell of `scenes`.
 fn shapes_named(trainer: &VqTrainer, scenes: &[Scene]) -> f64 {
     let cfg = trainer.config();
-    let images = vq_batch(scenes, cfg.resolution as u32, None, &Device::Cpu).unwrap().images;
+    let images = vq_batch(scenes, cfg.resolution as u32, None, &Device::Cpu)
+        .unwrap()
+        .images;
     let codes = trainer.model().encode(&images).unwrap();
     let codes = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
-    let classes = scenes.iter().flat_map(|s| s.patch_shapes(cfg.grid_size() as u32));
+    let classes = scenes
+        .iter()
+        .flat_map(|s| s.patch_shapes(cfg.grid_size() as u32));
     shape_named_by_code(codes.into_iter().zip(classes))
 }
 
@@ -140,7 +144,9 @@ fn the_shape_loss_gives_each_shape_its_own_codes() {
     };
     let scenes = |seed: u64, n: usize| -> Vec<Scene> {
         let mut rng = StdRng::seed_from_u64(seed);
-        (0..n).map(|_| Scene::random(&mut rng, Split::Train)).collect()
+        (0..n)
+            .map(|_| Scene::random(&mut rng, Split::Train))
+            .collect()
     };
     let trained = |shape_weight: f64| {
         let tcfg = VqTrainConfig {
@@ -161,5 +167,8 @@ fn the_shape_loss_gives_each_shape_its_own_codes() {
     let with = shapes_named(&trained(1.0), &held_out);
     eprintln!("shape cells whose code names their shape: {without:.3} -> {with:.3}");
     // Measured 0.43 -> 0.92 (32 codes, 300 steps).
-    assert!(with > 0.8 && with > without + 0.3, "{without:.3} -> {with:.3}");
+    assert!(
+        with > 0.8 && with > without + 0.3,
+        "{without:.3} -> {with:.3}"
+    );
 }

@@ -251,7 +251,11 @@ pub fn shape_targets(scenes: &[Scene], grid: usize, device: &Device) -> Result<T
             one_hot[(i * classes + class) * cells + cell] = 1.0;
         }
     }
-    Ok(Tensor::from_vec(one_hot, (scenes.len(), classes, grid, grid), device)?)
+    Ok(Tensor::from_vec(
+        one_hot,
+        (scenes.len(), classes, grid, grid),
+        device,
+    )?)
 }
 
 /// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call

@@ -430,7 +430,10 @@ mod tests {
         // triangle centred on (48, 48) shows in the bottom-right four.
         let classes = scene.patch_shapes(4);
         let square_class = 1 + Shape::ALL.iter().position(|&s| s == Shape::Square).unwrap();
-        let triangle_class = 1 + Shape::ALL.iter().position(|&s| s == Shape::Triangle).unwrap();
+        let triangle_class = 1 + Shape::ALL
+            .iter()
+            .position(|&s| s == Shape::Triangle)
+            .unwrap();
         #[rustfmt::skip]
         let want = [
             square_class, square_class, 0, 0,

@@ -69,7 +69,9 @@ impl VqTrainer {
         };
         let shape = if self.tcfg.shape_weight > 0.0 {
             let targets = patch_shapes.ok_or_else(|| {
-                anyhow::anyhow!("the VQ shape loss (shape_weight > 0) needs batches with patch_shapes")
+                anyhow::anyhow!(
+                    "the VQ shape loss (shape_weight > 0) needs batches with patch_shapes"
+                )
             })?;
             let shape = shape_loss(&out.latents, targets)?;
             total = (total + (&shape * self.tcfg.shape_weight)?)?;

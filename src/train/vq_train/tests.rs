@@ -99,7 +99,15 @@ fn shape_loss_is_the_cross_entropy_of_the_first_k_channels() {
     let got = loss.to_scalar::<f32>().unwrap();
     assert!((got - want).abs() < 1e-6, "loss {got}, want {want}");
     // d/d(logit of the target) = (p - 1) / cells; the third channel gets none.
-    let grad = loss.backward().unwrap().get(z.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(z.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let p0 = 2f32.exp() / (2f32.exp() + 1.0);
     assert!((grad[0] - (p0 - 1.0) / 2.0).abs() < 1e-6, "{grad:?}");
     assert!((grad[2] - (1.0 - p0) / 2.0).abs() < 1e-6, "{grad:?}");
