@@ -16,7 +16,7 @@ use super::data::shapes::{Scene, Shape};
 use super::data::Split;
 use super::looping;
 use super::pipeline::{record, Run, StageLog};
-use super::vq_train::{VqBatch, VqTrainConfig, VqTrainer, CHECKPOINT_STATE};
+use super::vq_train::{StepStats, VqBatch, VqTrainConfig, VqTrainer, CHECKPOINT_STATE};
 use crate::engine::images::VQ_WEIGHTS_FILE;
 use crate::model::vq::pixels::fit_square;
 use crate::model::vq::rgb_to_tensor;
@@ -109,6 +109,10 @@ fn train(
     let batch = run.cfg.vq_batch;
     let paired = trainer.train_config().context_weight > 0.0;
     let shape_grid = (trainer.train_config().shape_weight > 0.0).then(|| run.cfg.vq.grid_size());
+    let trained = TrainedLosses {
+        context: paired,
+        shape: shape_grid.is_some(),
+    };
     let bar = indicatif::ProgressBar::new(steps);
     bar.set_position(trainer.step_count());
     let mut log = Vec::new();
@@ -128,19 +132,18 @@ fn train(
         |s| {
             bar.set_position(s.step);
             bar.set_message(format!(
-                "recon {:.4} context {:.4} shape {:.3} codes {}",
-                s.reconstruction, s.context, s.shape, s.codes_in_batch
+                "{} codes {}",
+                trained.line(s.reconstruction, s),
+                s.codes_in_batch
             ));
             window = (window.0 + s.reconstruction as f64, window.1 + 1);
             if s.step.is_multiple_of(looping::LOG_WINDOW) {
                 log.push((window.0 / window.1 as f64) as f32);
                 if bar.is_hidden() {
                     eprintln!(
-                        "{stage}: step {} recon {:.4} context {:.4} shape {:.3} codes in batch {}",
+                        "{stage}: step {} {} codes in batch {}",
                         s.step,
-                        log.last().unwrap(),
-                        s.context,
-                        s.shape,
+                        trained.line(*log.last().unwrap(), s),
                         s.codes_in_batch
                     );
                 }
@@ -150,6 +153,27 @@ fn train(
     )?;
     bar.finish();
     Ok(log)
+}
+
+/// Which of the optional VQ losses this stage trains, so the progress line
+/// never shows a loss that is not trained.
+struct TrainedLosses {
+    context: bool,
+    shape: bool,
+}
+
+impl TrainedLosses {
+    /// `recon` is the logged window's mean or the step's own reconstruction.
+    fn line(&self, recon: f32, s: &StepStats) -> String {
+        let mut line = format!("recon {recon:.4}");
+        if self.context {
+            line += &format!(" context {:.4}", s.context);
+        }
+        if self.shape {
+            line += &format!(" shape {:.3}", s.shape);
+        }
+        line
+    }
 }
 
 fn record_stage(
