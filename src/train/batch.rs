@@ -41,6 +41,19 @@ pub enum Source {
 /// Weighted sources of a stage's data.
 pub type Mixture = Vec<(f64, Source)>;
 
+/// What one training stage learns from: its items, and how much each
+/// target weighs in its loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageData {
+    pub mixture: Mixture,
+    /// Loss weight of prompt targets (answer targets weigh 1).
+    pub prompt_weight: f32,
+    /// Domains whose targets weigh 0: skills this stage must not learn,
+    /// left to their own semantic adapter (`adapter_only_domains` of the
+    /// pipeline). They stay in the context the other targets attend to.
+    pub unlearned: Vec<Domain>,
+}
+
 /// An encoded sequence ready for packing.
 #[derive(Debug, Clone)]
 pub struct TrainSeq {
@@ -73,13 +86,15 @@ pub fn resolve_labels(domains: &[Option<Domain>]) -> Vec<Option<Domain>> {
 }
 
 impl TrainSeq {
-    /// Loss on answer targets with weight 1 and on prompt targets with
-    /// `prompt_weight`.
-    pub fn from_encoded(seq: EncodedSequence, prompt_weight: f32) -> Self {
+    /// Loss on answer targets with weight 1, on prompt targets with
+    /// `prompt_weight`, and none on targets labelled with an `unlearned`
+    /// domain.
+    pub fn from_encoded(seq: EncodedSequence, prompt_weight: f32, unlearned: &[Domain]) -> Self {
         let n = seq.ids.len();
+        let labels = resolve_labels(&seq.domains);
         let weights = (0..n)
             .map(|i| {
-                if i + 1 >= n {
+                if i + 1 >= n || labels[i + 1].is_some_and(|d| unlearned.contains(&d)) {
                     0.0
                 } else if i + 1 >= seq.answer_start {
                     1.0
@@ -89,7 +104,7 @@ impl TrainSeq {
             })
             .collect();
         Self {
-            labels: resolve_labels(&seq.domains),
+            labels,
             ids: seq.ids,
             weights,
         }
@@ -236,7 +251,7 @@ impl<'a> SeqMaker<'a> {
         rng: &mut StdRng,
         source: Source,
         split: Split,
-        prompt_weight: f32,
+        data: &StageData,
     ) -> Result<TrainSeq> {
         let (tokenizer, layout) = (self.tokenizer, self.layout);
         let enc = Encoder::new(tokenizer, layout);
@@ -254,22 +269,25 @@ impl<'a> SeqMaker<'a> {
                 enc.encode_segments(&[scene], &mut codes)?
             }
         };
-        Ok(TrainSeq::from_encoded(seq, prompt_weight))
+        Ok(TrainSeq::from_encoded(
+            seq,
+            data.prompt_weight,
+            &data.unlearned,
+        ))
     }
 
-    /// The batch of `step`: items drawn from `mixture` with an RNG seeded by
-    /// (seed, step) until `rows` rows of `len` are full.
-    #[allow(clippy::too_many_arguments)]
+    /// The batch of `step`: items drawn from `data.mixture` with an RNG
+    /// seeded by (seed, step) until `rows` rows of `len` are full.
     pub fn batch(
         &mut self,
-        mixture: &Mixture,
+        data: &StageData,
         seed: u64,
         step: u64,
         rows: usize,
         len: usize,
-        prompt_weight: f32,
         dev: &Device,
     ) -> Result<PackedBatch> {
+        let mixture = &data.mixture;
         let mut rng = StdRng::seed_from_u64(mix(seed, step));
         let total: f64 = mixture.iter().map(|m| m.0).sum();
         let mut seqs = Vec::new();
@@ -284,7 +302,7 @@ impl<'a> SeqMaker<'a> {
                 }
                 pick -= w;
             }
-            let seq = self.make(&mut rng, source, Split::Train, prompt_weight)?;
+            let seq = self.make(&mut rng, source, Split::Train, data)?;
             let take = seq.ids.len().min(len);
             if col + take > len {
                 row += 1;
@@ -327,6 +345,30 @@ mod tests {
             ]
         );
         assert_eq!(resolve_labels(&[None, None]), vec![None, None]);
+    }
+
+    #[test]
+    fn unlearned_domains_weigh_nothing_but_stay_in_context() {
+        use Domain::*;
+        // prompt: code, code, separator | answer: code, arithmetic, arithmetic
+        let seq = EncodedSequence {
+            ids: vec![1, 2, 3, 4, 5, 6],
+            domains: vec![
+                Some(Code),
+                Some(Code),
+                None,
+                Some(Code),
+                Some(Arithmetic),
+                Some(Arithmetic),
+            ],
+            answer_start: 3,
+        };
+        let all = TrainSeq::from_encoded(seq.clone(), 0.5, &[]);
+        assert_eq!(all.weights, vec![0.5, 0.5, 1.0, 1.0, 1.0, 0.0]);
+        let masked = TrainSeq::from_encoded(seq, 0.5, &[Arithmetic]);
+        assert_eq!(masked.weights, vec![0.5, 0.5, 1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(masked.ids, all.ids);
+        assert_eq!(masked.labels, all.labels);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::batch::PackedBatch;
 use super::decoder::{set_vars, LayerAdapters, Routing};
 use super::looping::{self, StepOut};
 use super::lora::TrainLora;
-use super::pipeline::{expert_for, mixture_for, record, Run, StageLog, ADAPTERS, EXPERTS};
+use super::pipeline::{expert_for, record, stage_data, Run, StageLog, ADAPTERS, EXPERTS};
 use super::stages::{frozen_adapter, frozen_base, Assets, OracleRouting};
 use crate::routing::gate::{GateConfig, GATE_CONFIG_FILE};
 
@@ -156,7 +156,7 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
     )?;
     let mut maker = assets.maker();
     let seed = run.stage_seed("gate");
-    let mixture = mixture_for("gate");
+    let data = stage_data(pc, "gate");
     let image_start = assets.layout.image_range.start;
     let refs: Vec<&TrainLora> = adapters.iter().collect();
     // None when the stage was already finished and no batch ran.
@@ -167,15 +167,7 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
         &pc.gate,
         &run.checkpoint_dir("gate"),
         |step| {
-            let batch = maker.batch(
-                &mixture,
-                seed,
-                step,
-                pc.batch_rows,
-                pc.batch_len,
-                pc.adapter_prompt_weight,
-                device,
-            )?;
+            let batch = maker.batch(&data, seed, step, pc.batch_rows, pc.batch_len, device)?;
             let routing = Recording {
                 inner: OracleRouting::new(&refs, &batch, image_start)?,
                 inputs: RefCell::new(Vec::new()),

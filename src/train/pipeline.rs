@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Mixture, Source};
+use super::batch::{Mixture, Source, StageData};
 use super::data::text_domains::MixedKind;
 use super::data::{Domain, Task};
 use super::looping::Schedule;
@@ -107,6 +107,34 @@ pub fn mixture_for(stage: &str) -> Mixture {
     }
 }
 
+/// The data of `stage` under `cfg`. An adapter-only domain is learned by
+/// its own semantic adapter alone (the gate still routes it): every other
+/// stage gives its targets no weight and drops the tasks made only of it.
+pub fn stage_data(cfg: &PipelineConfig, stage: &str) -> StageData {
+    let unlearned: Vec<Domain> = match stage {
+        "gate" => vec![],
+        _ => (cfg.adapter_only_domains.iter())
+            .copied()
+            .filter(|&d| expert_for(d) != stage)
+            .collect(),
+    };
+    let only_unlearned = |source: &Source| match source {
+        Source::Task(Task::Arithmetic) => unlearned.contains(&Domain::Arithmetic),
+        Source::Task(Task::Code) => unlearned.contains(&Domain::Code),
+        _ => false,
+    };
+    StageData {
+        mixture: (mixture_for(stage).into_iter())
+            .filter(|(_, source)| !only_unlearned(source))
+            .collect(),
+        prompt_weight: match stage {
+            "base" => cfg.base_prompt_weight,
+            _ => cfg.adapter_prompt_weight,
+        },
+        unlearned,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecoderSize {
     pub hidden_size: usize,
@@ -164,6 +192,16 @@ pub struct PipelineConfig {
     /// Steps of one adapter where they differ from its schedule's.
     #[serde(default)]
     pub adapter_steps: BTreeMap<String, u64>,
+    /// Peak learning rate of one adapter where it differs from its
+    /// schedule's.
+    #[serde(default)]
+    pub adapter_learning_rates: BTreeMap<String, f64>,
+    /// Text domains only their semantic adapter learns ([`stage_data`]):
+    /// the base, the modality adapters and the other semantic adapters see
+    /// them in context but never as targets, so the skill lives in one
+    /// LoRA, which a per-sequence server cannot combine with another.
+    #[serde(default)]
+    pub adapter_only_domains: Vec<Domain>,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub gate_hidden: usize,
@@ -230,8 +268,13 @@ impl PipelineConfig {
             adapter_steps: BTreeMap::from([
                 ("code".to_string(), 100),
                 ("image".to_string(), 360),
-                ("math".to_string(), 500),
+                ("math".to_string(), 700),
             ]),
+            // Arithmetic lives in the math LoRA alone (session 13): learning
+            // a skill the base lacks, not correcting one, takes the larger
+            // step the other adapters overshoot with.
+            adapter_learning_rates: BTreeMap::from([("math".to_string(), 2e-3)]),
+            adapter_only_domains: vec![Domain::Arithmetic],
             lora_rank: 16,
             lora_alpha: 32.0,
             gate_hidden: 64,
@@ -286,6 +329,8 @@ impl PipelineConfig {
             semantic_adapter: sched(2),
             gate: sched(2),
             adapter_steps: BTreeMap::new(),
+            adapter_learning_rates: BTreeMap::new(),
+            adapter_only_domains: vec![Domain::Arithmetic],
             lora_rank: 4,
             lora_alpha: 8.0,
             gate_hidden: 8,
@@ -300,6 +345,7 @@ impl PipelineConfig {
         cfg.vq_steps = 10;
         cfg.vq_decoder_steps = 10;
         cfg.adapter_steps.clear();
+        cfg.adapter_learning_rates.clear();
         for (s, n) in [
             (&mut cfg.base, 10),
             (&mut cfg.adapter, 5),
@@ -342,15 +388,18 @@ impl PipelineConfig {
 
     /// Rejects settings no stage would read, rather than ignoring them.
     pub fn validate(&self) -> Result<()> {
-        if let Some(name) = self
-            .adapter_steps
-            .keys()
-            .find(|n| !ADAPTERS.contains(&n.as_str()))
-        {
-            bail!(
-                "adapter_steps names {name:?}, which the pipeline does not train (it trains {})",
-                ADAPTERS.join(", ")
-            );
+        let steps = self.adapter_steps.keys().map(|n| ("adapter_steps", n));
+        let rates = (self.adapter_learning_rates.keys()).map(|n| ("adapter_learning_rates", n));
+        for (field, name) in steps.chain(rates) {
+            if !ADAPTERS.contains(&name.as_str()) {
+                bail!(
+                    "{field} names {name:?}, which the pipeline does not train (it trains {})",
+                    ADAPTERS.join(", ")
+                );
+            }
+        }
+        if self.adapter_only_domains.contains(&Domain::Image) {
+            bail!("adapter_only_domains names image: only text domains have a semantic adapter");
         }
         let classes = 1 + crate::train::data::shapes::Shape::ALL.len();
         if self.vq_shape_weight > 0.0 && self.vq.embed_dim < classes {
@@ -445,6 +494,37 @@ mod tests {
     }
 
     #[test]
+    fn an_adapter_only_domain_is_learned_by_its_adapter_alone() {
+        use crate::train::batch::Source;
+        use crate::train::data::{Domain, Task};
+        let mut cfg = PipelineConfig::tiny();
+        cfg.adapter_only_domains = vec![Domain::Arithmetic];
+        let arithmetic_items = |cfg: &PipelineConfig, stage: &str| {
+            let data = super::stage_data(cfg, stage);
+            data.mixture
+                .contains(&(4.0, Source::Task(Task::Arithmetic)))
+        };
+        for stage in ["base", "text", "image", "code", "caption"] {
+            let data = super::stage_data(&cfg, stage);
+            assert_eq!(data.unlearned, vec![Domain::Arithmetic], "{stage}");
+            assert!(!arithmetic_items(&cfg, stage), "{stage}");
+        }
+        for stage in ["math", "gate"] {
+            assert!(
+                super::stage_data(&cfg, stage).unlearned.is_empty(),
+                "{stage}"
+            );
+        }
+        assert!(arithmetic_items(&cfg, "math") && arithmetic_items(&cfg, "gate"));
+        // Without adapter-only domains every stage learns all of its data.
+        cfg.adapter_only_domains.clear();
+        let base = super::stage_data(&cfg, "base");
+        assert!(base.unlearned.is_empty() && arithmetic_items(&cfg, "base"));
+        assert_eq!(base.mixture, super::mixture_for("base"));
+        assert_eq!(base.prompt_weight, cfg.base_prompt_weight);
+    }
+
+    #[test]
     fn unknown_presets_and_adapter_names_are_refused() {
         let err = PipelineConfig::preset("huge").unwrap_err().to_string();
         assert!(err.contains("huge") && err.contains(".json"), "{err}");
@@ -466,5 +546,16 @@ mod tests {
             PipelineConfig::preset("/nonexistent/p.json").unwrap_err()
         );
         assert!(missing.contains("cannot read"), "{missing}");
+        let mut cfg = PipelineConfig::tiny();
+        cfg.adapter_learning_rates.insert("chat".into(), 1e-3);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("adapter_learning_rates names \"chat\""),
+            "{err}"
+        );
+        let mut cfg = PipelineConfig::tiny();
+        cfg.adapter_only_domains
+            .push(crate::train::data::Domain::Image);
+        assert!(cfg.validate().is_err());
     }
 }

@@ -14,7 +14,7 @@ use super::data::text_domains::text_corpus;
 use super::decoder::{init_tensors, set_vars, LayerAdapters, Routing, TrainDecoder};
 use super::looping::{self, StepOut};
 use super::lora::TrainLora;
-use super::pipeline::{expert_for, mixture_for, record, role_of, Run, StageLog, ADAPTERS};
+use super::pipeline::{expert_for, record, role_of, stage_data, Run, StageLog, ADAPTERS};
 use crate::adapters::peft::LoraAdapter;
 use crate::adapters::AdapterRole;
 use crate::engine::images::VQ_WEIGHTS_FILE;
@@ -146,17 +146,9 @@ pub fn base(run: &Run, device: &Device) -> Result<()> {
     set_vars(&varmap, &init_tensors(cfg, run.stage_seed("base-init"))?)?;
     let mut maker = assets.maker();
     let (seed, pc) = (run.stage_seed("base"), &run.cfg);
-    let mixture = mixture_for("base");
+    let data = stage_data(pc, "base");
     train_loop(run, "base", &varmap, &pc.base, |step| {
-        let batch = maker.batch(
-            &mixture,
-            seed,
-            step,
-            pc.batch_rows,
-            pc.batch_len,
-            pc.base_prompt_weight,
-            device,
-        )?;
+        let batch = maker.batch(&data, seed, step, pc.batch_rows, pc.batch_len, device)?;
         Ok(StepOut {
             loss: model.loss(&batch, &super::decoder::NoAdapters)?,
             items: batch.tokens,
@@ -231,6 +223,9 @@ pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
     if let Some(&steps) = run.cfg.adapter_steps.get(name) {
         schedule.steps = steps;
     }
+    if let Some(&lr) = run.cfg.adapter_learning_rates.get(name) {
+        schedule.learning_rate = lr;
+    }
     let assets = Assets::load(run, device)?;
     let cfg = &assets.config;
     let base = frozen_base(run, cfg, device)?;
@@ -255,18 +250,10 @@ pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
     )?;
     let mut maker = assets.maker();
     let seed = run.stage_seed(name);
-    let mixture = mixture_for(name);
+    let data = stage_data(pc, name);
     let image_start = assets.layout.image_range.start;
     train_loop(run, name, &varmap, &schedule, |step| {
-        let batch = maker.batch(
-            &mixture,
-            seed,
-            step,
-            pc.batch_rows,
-            pc.batch_len,
-            pc.adapter_prompt_weight,
-            device,
-        )?;
+        let batch = maker.batch(&data, seed, step, pc.batch_rows, pc.batch_len, device)?;
         let mut all: Vec<&TrainLora> = frozen.iter().collect();
         all.push(&lora);
         let routing = OracleRouting::new(&all, &batch, image_start)?;
