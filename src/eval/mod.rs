@@ -183,7 +183,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     }
     Ok(EvalReport {
         model_dir: args.model.display().to_string(),
-        model_bytes: provenance::dir_bytes(&args.model)?,
+        model_bytes: provenance::model_bytes(&args.model)?,
         n: args.n,
         seed: args.seed,
         image_temperature: args.image_temperature,

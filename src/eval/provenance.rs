@@ -6,6 +6,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
+/// Bytes a model directory ships: every regular file under `dir` but the
+/// training pipeline's `checkpoints/`, which a run leaves beside the model
+/// and nobody serves.
+pub fn model_bytes(dir: &Path) -> Result<u64> {
+    let checkpoints = dir.join(crate::train::pipeline::CHECKPOINTS_DIR);
+    let all = dir_bytes(dir)?;
+    Ok(match checkpoints.is_dir() {
+        true => all - dir_bytes(&checkpoints)?,
+        false => all,
+    })
+}
+
 /// Bytes of every regular file under `dir` (symlinks not followed).
 pub fn dir_bytes(dir: &Path) -> Result<u64> {
     let mut total = 0;
@@ -97,5 +109,19 @@ mod tests {
         // 2000-02-29 12:34 (a leap day).
         assert_eq!(utc_date(951_827_640), "2000-02-29 12:34 UTC");
         assert_eq!(utc_date(1_795_629_600), "2026-11-25 18:00 UTC");
+    }
+
+    #[test]
+    fn a_models_size_leaves_out_training_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), [0u8; 300]).unwrap();
+        std::fs::create_dir(dir.path().join("adapters")).unwrap();
+        std::fs::write(dir.path().join("adapters/a.safetensors"), [0u8; 20]).unwrap();
+        assert_eq!(model_bytes(dir.path()).unwrap(), 320);
+        let base = dir.path().join("checkpoints/base");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::write(base.join("step.safetensors"), [0u8; 4000]).unwrap();
+        assert_eq!(dir_bytes(dir.path()).unwrap(), 4320);
+        assert_eq!(model_bytes(dir.path()).unwrap(), 320);
     }
 }
