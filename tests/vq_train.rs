@@ -13,6 +13,7 @@ use candle_nn::{VarBuilder, VarMap};
 use molora::bench::cpu_seconds;
 use molora::model::vq::blocks::{AttnBlock, Downsample, ResnetBlock, Upsample};
 use molora::model::vq::{VqConfig, VqModel};
+use molora::train::looping::LOG_WINDOW;
 use molora::train::vq_train::{
     ReconLoss, VqTrainConfig, VqTrainer, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
 };
@@ -395,19 +396,30 @@ fn resume_continues_exactly() {
     let batches = |step: u64| Ok(rectangles(4, 16, 500 + step));
     let dir = tempfile::tempdir().unwrap();
 
-    // Run A: 8 steps straight, checkpoints at 4 and 8.
+    // Run A: 8 steps straight, the checkpoint at 4.
     let mut a = VqTrainer::new(&cfg, &tcfg, &Device::Cpu).unwrap();
     a.run(4, batches, Some(dir.path()), |_| {}).unwrap();
     let at_four = weights_of(a.varmap());
+    let log_at_four = a.run_log().clone();
     a.run(8, batches, None, |_| {}).unwrap();
 
     // Run B: resume from the step-4 checkpoint.
     let mut b = VqTrainer::resume(dir.path(), &cfg, &tcfg, &Device::Cpu).unwrap();
     assert_eq!(b.step_count(), 4);
     assert_eq!(weights_of(b.varmap()), at_four);
+    // The run's seconds come back with it (what train_log.json records).
+    assert!(log_at_four.seconds > 0.0);
+    assert!((b.run_log().seconds - log_at_four.seconds).abs() < 1e-9);
     b.run(8, batches, None, |_| {}).unwrap();
     assert_eq!(b.step_count(), 8);
     assert_eq!(weights_of(b.varmap()), weights_of(a.varmap()));
+
+    // Its loss log too: the window of steps 1-25 spans the resume.
+    a.run(LOG_WINDOW, batches, None, |_| {}).unwrap();
+    b.run(LOG_WINDOW, batches, None, |_| {}).unwrap();
+    let (la, lb) = (&a.run_log().reconstruction, &b.run_log().reconstruction);
+    assert_eq!(la.len(), 1);
+    assert!((la[0] - lb[0]).abs() < 1e-6, "{la:?} vs {lb:?}");
 
     // A different seed is refused rather than silently mixed.
     let other = VqTrainConfig {

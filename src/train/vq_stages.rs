@@ -14,7 +14,6 @@ use rand::{Rng, SeedableRng};
 use super::batch::mix;
 use super::data::shapes::{Scene, Shape};
 use super::data::Split;
-use super::looping;
 use super::pipeline::{record, Run, StageLog};
 use super::vq_train::{StepStats, VqBatch, VqTrainConfig, VqTrainer, CHECKPOINT_STATE};
 use crate::engine::images::VQ_WEIGHTS_FILE;
@@ -35,8 +34,8 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
     let _one_thread = MatmulThreads::set(1);
     let dir = run.checkpoint_dir("vq");
     let mut trainer = VqTrainer::resume_or_new(&dir, &cfg.vq, &tcfg, device)?;
-    let started = Instant::now();
-    let log = train(run, &mut trainer, "vq", seed, cfg.vq_steps, &dir, device)?;
+    train(run, &mut trainer, "vq", seed, cfg.vq_steps, &dir, device)?;
+    let merge_started = Instant::now();
     if cfg.vq_merge_distance > 0.0 {
         let side = cfg.vq.resolution as u32;
         let scenes = usage_sample(mix(seed, u64::MAX), side, device)?;
@@ -47,7 +46,8 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
         );
     }
     trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
-    record_stage(run, "vq", &trainer, started, log)
+    let merge_seconds = merge_started.elapsed().as_secs_f64();
+    record_stage(run, "vq", &trainer, merge_seconds)
 }
 
 /// `vq_decoder`: `vq_decoder_steps` more steps for the decoder alone
@@ -72,11 +72,10 @@ pub fn vq_decoder(run: &Run, device: &Device) -> Result<()> {
     } else {
         VqTrainer::from_weights(&run.path(VQ_WEIGHTS_FILE), &cfg.vq, &tcfg, device)?
     };
-    let started = Instant::now();
     let steps = cfg.vq_decoder_steps;
-    let log = train(run, &mut trainer, "vq_decoder", seed, steps, &dir, device)?;
+    train(run, &mut trainer, "vq_decoder", seed, steps, &dir, device)?;
     trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
-    record_stage(run, "vq_decoder", &trainer, started, log)
+    record_stage(run, "vq_decoder", &trainer, 0.0)
 }
 
 /// The settings both VQ stages share.
@@ -104,7 +103,7 @@ fn train(
     steps: u64,
     dir: &Path,
     device: &Device,
-) -> Result<Vec<f32>> {
+) -> Result<()> {
     let side = run.cfg.vq.resolution as u32;
     let batch = run.cfg.vq_batch;
     let paired = trainer.train_config().context_weight > 0.0;
@@ -115,8 +114,6 @@ fn train(
     };
     let bar = indicatif::ProgressBar::new(steps);
     bar.set_position(trainer.step_count());
-    let mut log = Vec::new();
-    let mut window = (0f64, 0u64);
     trainer.run(
         steps,
         |step| {
@@ -136,23 +133,18 @@ fn train(
                 trained.line(s.reconstruction, s),
                 s.codes_in_batch
             ));
-            window = (window.0 + s.reconstruction as f64, window.1 + 1);
-            if s.step.is_multiple_of(looping::LOG_WINDOW) {
-                log.push((window.0 / window.1 as f64) as f32);
-                if bar.is_hidden() {
-                    eprintln!(
-                        "{stage}: step {} {} codes in batch {}",
-                        s.step,
-                        trained.line(*log.last().unwrap(), s),
-                        s.codes_in_batch
-                    );
-                }
-                window = (0.0, 0);
+            if let (Some(mean), true) = (s.window_mean, bar.is_hidden()) {
+                eprintln!(
+                    "{stage}: step {} {} codes in batch {}",
+                    s.step,
+                    trained.line(mean, s),
+                    s.codes_in_batch
+                );
             }
         },
     )?;
     bar.finish();
-    Ok(log)
+    Ok(())
 }
 
 /// Which of the optional VQ losses this stage trains, so the progress line
@@ -176,23 +168,21 @@ impl TrainedLosses {
     }
 }
 
-fn record_stage(
-    run: &Run,
-    stage: &str,
-    trainer: &VqTrainer,
-    started: Instant,
-    log: Vec<f32>,
-) -> Result<()> {
+/// The stage's line in `train_log.json`: the whole run as its checkpoints
+/// recorded it, plus `extra_seconds` of this invocation's work after
+/// training (the merge).
+fn record_stage(run: &Run, stage: &str, trainer: &VqTrainer, extra_seconds: f64) -> Result<()> {
+    let log = trainer.run_log();
     record(
         &run.out,
         StageLog {
             stage: stage.into(),
             steps: trainer.step_count(),
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: log.seconds + extra_seconds,
             items: trainer.step_count() * run.cfg.vq_batch as u64,
-            first_loss: log.first().copied(),
-            last_loss: log.last().copied(),
-            loss_log: log,
+            first_loss: log.reconstruction.first().copied(),
+            last_loss: log.reconstruction.last().copied(),
+            loss_log: log.reconstruction.clone(),
         },
     )
 }

@@ -32,6 +32,7 @@ mod shards;
 mod tests;
 
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -39,7 +40,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::vq::{VqConfig, VqModel};
 
@@ -70,6 +71,36 @@ pub struct StepStats {
     pub codes_in_batch: usize,
     /// Codebook entries re-initialised after this step.
     pub restarted: usize,
+    /// The mean reconstruction loss of the window of
+    /// [`crate::train::looping::LOG_WINDOW`] steps this step closed.
+    pub window_mean: Option<f32>,
+}
+
+/// What a run has trained so far. It is kept in the run's checkpoints, so a
+/// resumed run (or a finished one run again) reports the whole run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunLog {
+    /// Seconds spent in training steps, summed over resumed runs.
+    pub seconds: f64,
+    /// Mean reconstruction loss of each closed window, in order.
+    pub reconstruction: Vec<f32>,
+    /// The open window: summed loss and steps.
+    window: (f64, u64),
+}
+
+impl RunLog {
+    /// Adds one step's loss; returns the window's mean when it closes.
+    fn add(&mut self, reconstruction: f32, seconds: f64) -> Option<f32> {
+        self.seconds += seconds;
+        self.window = (self.window.0 + reconstruction as f64, self.window.1 + 1);
+        if self.window.1 < crate::train::looping::LOG_WINDOW {
+            return None;
+        }
+        let mean = (self.window.0 / self.window.1 as f64) as f32;
+        self.reconstruction.push(mean);
+        self.window = (0.0, 0);
+        Some(mean)
+    }
 }
 
 /// One training batch.
@@ -106,6 +137,7 @@ pub struct VqTrainer {
     step: u64,
     /// How often each code was chosen since the last restart check.
     usage: Vec<u64>,
+    log: RunLog,
 }
 
 impl VqTrainer {
@@ -148,6 +180,7 @@ impl VqTrainer {
             opt,
             step: 0,
             usage: vec![0; cfg.num_embeddings],
+            log: RunLog::default(),
         })
     }
 
@@ -215,6 +248,11 @@ impl VqTrainer {
         self.step
     }
 
+    /// Seconds and losses of every step so far, resumed runs included.
+    pub fn run_log(&self) -> &RunLog {
+        &self.log
+    }
+
     /// Gradients of the total loss of one batch (for checks; no update).
     pub fn gradients(&self, batch: impl Into<VqBatch>) -> Result<(Losses, GradStore)> {
         let batch = batch.into();
@@ -225,6 +263,7 @@ impl VqTrainer {
 
     /// One optimisation step on a batch, then the dead-code check.
     pub fn train_step(&mut self, batch: impl Into<VqBatch>) -> Result<StepStats> {
+        let started = Instant::now();
         let batch = batch.into();
         let images = &batch.images;
         self.opt
@@ -257,7 +296,11 @@ impl VqTrainer {
         } else {
             0
         };
+        let window_mean = self
+            .log
+            .add(batch.reconstruction, started.elapsed().as_secs_f64());
         Ok(StepStats {
+            window_mean,
             step: self.step,
             loss: batch.loss,
             reconstruction: batch.reconstruction,

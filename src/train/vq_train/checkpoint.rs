@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use super::{VqTrainConfig, VqTrainer};
+use super::{RunLog, VqTrainConfig, VqTrainer};
 use crate::model::vq::VqConfig;
 
 pub const CHECKPOINT_WEIGHTS: &str = "vq.safetensors";
@@ -24,6 +24,9 @@ struct State {
     code_usage: Vec<u64>,
     vq_config: VqConfig,
     train_config: VqTrainConfig,
+    /// Absent in checkpoints written before session 13.
+    #[serde(default)]
+    log: RunLog,
 }
 
 /// `path` with `.tmp` appended: written first, then renamed over `path`.
@@ -61,6 +64,7 @@ pub(super) fn save(trainer: &VqTrainer, dir: &Path) -> Result<()> {
         code_usage: trainer.usage.clone(),
         vq_config: trainer.cfg.clone(),
         train_config: trainer.tcfg.clone(),
+        log: trainer.log.clone(),
     };
     let state_path = dir.join(CHECKPOINT_STATE);
     let state_tmp = temp_path(&state_path);
@@ -104,6 +108,7 @@ pub(super) fn restore(trainer: &mut VqTrainer, dir: &Path) -> Result<()> {
         .load(&dir.join(CHECKPOINT_OPTIMIZER), state.optimizer_step)?;
     trainer.step = state.step;
     trainer.usage = state.code_usage;
+    trainer.log = state.log;
     Ok(())
 }
 
