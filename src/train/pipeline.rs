@@ -273,7 +273,7 @@ impl PipelineConfig {
             adapter_learning_rates: BTreeMap::new(),
             // Not [Arithmetic]: a math LoRA that learns sums from scratch on
             // a base that never saw them got 0% in 700 steps at 2e-3, and
-            // the gate then sent a third of the program tokens to it
+            // the gate then sent 30% of the program tokens to another expert
             // (session 13; README, "Skills that live in one adapter").
             adapter_only_domains: vec![],
             lora_rank: 16,
