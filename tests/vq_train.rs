@@ -417,7 +417,10 @@ fn resume_continues_exactly() {
     // Its loss log too: the window of steps 1-25 spans the resume.
     a.run(LOG_WINDOW, batches, None, |_| {}).unwrap();
     b.run(LOG_WINDOW, batches, None, |_| {}).unwrap();
-    let (la, lb) = (&a.run_log().reconstruction, &b.run_log().reconstruction);
+    let (la, lb) = (
+        &a.run_log().reconstruction.loss_log,
+        &b.run_log().reconstruction.loss_log,
+    );
     assert_eq!(la.len(), 1);
     assert!((la[0] - lb[0]).abs() < 1e-6, "{la:?} vs {lb:?}");
 

@@ -200,14 +200,12 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
     )?;
     record(
         &run.out,
-        StageLog {
-            stage: "gate".into(),
-            steps: state.step,
-            seconds: state.seconds,
-            items: state.items,
-            first_loss: state.loss_log.first().copied(),
-            last_loss: state.loss_log.last().copied(),
-            loss_log: state.loss_log,
-        },
+        StageLog::new(
+            "gate",
+            state.step,
+            state.seconds,
+            state.items,
+            state.losses.loss_log,
+        ),
     )
 }

@@ -57,15 +57,54 @@ pub struct LoopState {
     /// Steps completed.
     pub step: u64,
     /// Mean loss of each window of `LOG_WINDOW` steps, in order.
-    pub loss_log: Vec<f32>,
+    #[serde(flatten)]
+    pub losses: LossWindows,
     /// Seconds spent training, summed over resumed runs.
     pub seconds: f64,
     /// Tokens (or images) seen.
     pub items: u64,
 }
 
-/// Steps per entry of [`LoopState::loss_log`].
+/// Steps per entry of a [`LossWindows`] log.
 pub const LOG_WINDOW: u64 = 25;
+
+/// A run's loss log: the mean of each window of [`LOG_WINDOW`] steps. The
+/// open window is kept with it in checkpoints, so a resumed run logs the
+/// same means as one that never stopped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossWindows {
+    /// Closed windows' means, in order. (`reconstruction` in VQ checkpoints
+    /// written in session 13.)
+    #[serde(default, alias = "reconstruction")]
+    pub loss_log: Vec<f32>,
+    /// The open window: summed loss and steps.
+    #[serde(default, alias = "window")]
+    open: (f64, u64),
+}
+
+impl LossWindows {
+    /// Adds one step's loss; returns the window's mean when this step
+    /// closes it.
+    pub fn add(&mut self, loss: f32) -> Option<f32> {
+        self.open = (self.open.0 + loss as f64, self.open.1 + 1);
+        if self.open.1 < LOG_WINDOW {
+            return None;
+        }
+        self.close()
+    }
+
+    /// Closes the open window early (a run's last steps); returns its mean
+    /// if it held any step.
+    pub fn close(&mut self) -> Option<f32> {
+        if self.open.1 == 0 {
+            return None;
+        }
+        let mean = (self.open.0 / self.open.1 as f64) as f32;
+        self.loss_log.push(mean);
+        self.open = (0.0, 0);
+        Some(mean)
+    }
+}
 
 /// What one step returns: the loss to minimise and the items it covered.
 pub struct StepOut {
@@ -104,7 +143,6 @@ pub fn run(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let bar = progress_bar(name, schedule.steps, state.step);
-    let mut window = (0f64, 0u64);
     let started = Instant::now();
     let base_seconds = state.seconds;
     while state.step < schedule.steps {
@@ -120,11 +158,11 @@ pub fn run(
         opt.step(&grads)?;
         state.step += 1;
         state.items += out.items as u64;
-        window = (window.0 + loss as f64, window.1 + 1);
-        if state.step.is_multiple_of(LOG_WINDOW) || state.step == schedule.steps {
-            let mean = (window.0 / window.1 as f64) as f32;
-            state.loss_log.push(mean);
-            window = (0.0, 0);
+        let mut closed = state.losses.add(loss);
+        if state.step == schedule.steps {
+            closed = closed.or_else(|| state.losses.close());
+        }
+        if let Some(mean) = closed {
             if bar.is_hidden() {
                 eprintln!(
                     "{name}: step {}/{} loss {mean:.4} ({:.0} s)",

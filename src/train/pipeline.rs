@@ -119,8 +119,7 @@ pub fn stage_data(cfg: &PipelineConfig, stage: &str) -> StageData {
             .collect(),
     };
     let only_unlearned = |source: &Source| match source {
-        Source::Task(Task::Arithmetic) => unlearned.contains(&Domain::Arithmetic),
-        Source::Task(Task::Code) => unlearned.contains(&Domain::Code),
+        Source::Task(task) => task.sole_domain().is_some_and(|d| unlearned.contains(&d)),
         _ => false,
     };
     StageData {
@@ -453,6 +452,21 @@ pub struct StageLog {
     pub last_loss: Option<f32>,
     /// Mean loss per window of steps (see `looping::LOG_WINDOW`).
     pub loss_log: Vec<f32>,
+}
+
+impl StageLog {
+    /// `stage`'s line, its first and last losses read off `loss_log`.
+    pub fn new(stage: &str, steps: u64, seconds: f64, items: u64, loss_log: Vec<f32>) -> Self {
+        StageLog {
+            stage: stage.into(),
+            steps,
+            seconds,
+            items,
+            first_loss: loss_log.first().copied(),
+            last_loss: loss_log.last().copied(),
+            loss_log,
+        }
+    }
 }
 
 /// Adds or replaces `entry` in `<out>/train_log.json`. A finished stage

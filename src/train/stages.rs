@@ -47,15 +47,13 @@ pub fn tokenizer(run: &Run) -> Result<()> {
     );
     record(
         &run.out,
-        StageLog {
-            stage: "tokenizer".into(),
-            steps: 0,
-            seconds: started.elapsed().as_secs_f64(),
-            items: run.cfg.corpus_items as u64,
-            first_loss: None,
-            last_loss: None,
-            loss_log: vec![],
-        },
+        StageLog::new(
+            "tokenizer",
+            0,
+            started.elapsed().as_secs_f64(),
+            run.cfg.corpus_items as u64,
+            vec![],
+        ),
     )
 }
 
@@ -124,15 +122,13 @@ fn train_loop(
     let state = looping::run(stage, varmap, schedule, &run.checkpoint_dir(stage), step_fn)?;
     record(
         &run.out,
-        StageLog {
-            stage: stage.into(),
-            steps: state.step,
-            seconds: state.seconds,
-            items: state.items,
-            first_loss: state.loss_log.first().copied(),
-            last_loss: state.loss_log.last().copied(),
-            loss_log: state.loss_log,
-        },
+        StageLog::new(
+            stage,
+            state.step,
+            state.seconds,
+            state.items,
+            state.losses.loss_log,
+        ),
     )
 }
 

@@ -347,15 +347,8 @@ fn interrupted_training_resumes_exactly() {
 fn a_finished_stage_run_again_keeps_its_record() {
     use super::pipeline::{record, StageLog};
     let dir = tempfile::tempdir().unwrap();
-    let entry = |seconds: f64, loss_log: Vec<f32>| StageLog {
-        stage: "base".into(),
-        steps: 100,
-        seconds,
-        items: 1000,
-        first_loss: loss_log.first().copied(),
-        last_loss: loss_log.last().copied(),
-        loss_log,
-    };
+    let entry =
+        |seconds: f64, loss_log: Vec<f32>| StageLog::new("base", 100, seconds, 1000, loss_log);
     let read = || -> Vec<StageLog> {
         let text = std::fs::read_to_string(dir.path().join("train_log.json")).unwrap();
         serde_json::from_str(&text).unwrap()
@@ -367,4 +360,33 @@ fn a_finished_stage_run_again_keeps_its_record() {
     record(dir.path(), entry(90.0, vec![1.5])).unwrap();
     assert_eq!(read().len(), 1);
     assert_eq!(read()[0].seconds, 90.0);
+}
+
+/// The loss log windows steps, closes a short last window on request, and
+/// reads the checkpoints written before it was one type: a decoder stage's
+/// `loss_log` and session 13's VQ `reconstruction` / `window`.
+#[test]
+fn loss_windows_close_and_read_older_checkpoints() {
+    use super::looping::{LoopState, LossWindows, LOG_WINDOW};
+    use super::vq_train::RunLog;
+    let mut log = LossWindows::default();
+    let closed: Vec<Option<f32>> = (0..LOG_WINDOW + 2).map(|_| log.add(2.0)).collect();
+    assert_eq!(closed.iter().flatten().count(), 1);
+    assert_eq!(closed[LOG_WINDOW as usize - 1], Some(2.0));
+    assert_eq!(log.close(), Some(2.0));
+    assert_eq!(log.close(), None);
+    assert_eq!(log.loss_log, vec![2.0, 2.0]);
+
+    let decoder: LoopState =
+        serde_json::from_str(r#"{"step":50,"loss_log":[3.0,2.5],"seconds":9.0,"items":800}"#)
+            .unwrap();
+    assert_eq!(decoder.losses.loss_log, vec![3.0, 2.5]);
+    let written = serde_json::to_value(&decoder).unwrap();
+    assert_eq!(written["loss_log"], serde_json::json!([3.0, 2.5]));
+
+    let mut vq: RunLog =
+        serde_json::from_str(r#"{"seconds":4.0,"reconstruction":[0.5],"window":[0.75,3]}"#)
+            .unwrap();
+    assert_eq!(vq.reconstruction.loss_log, vec![0.5]);
+    assert_eq!(vq.reconstruction.close(), Some(0.25));
 }

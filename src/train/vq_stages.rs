@@ -175,15 +175,13 @@ fn record_stage(run: &Run, stage: &str, trainer: &VqTrainer, extra_seconds: f64)
     let log = trainer.run_log();
     record(
         &run.out,
-        StageLog {
-            stage: stage.into(),
-            steps: trainer.step_count(),
-            seconds: log.seconds + extra_seconds,
-            items: trainer.step_count() * run.cfg.vq_batch as u64,
-            first_loss: log.reconstruction.first().copied(),
-            last_loss: log.reconstruction.last().copied(),
-            loss_log: log.reconstruction.clone(),
-        },
+        StageLog::new(
+            stage,
+            trainer.step_count(),
+            log.seconds + extra_seconds,
+            trainer.step_count() * run.cfg.vq_batch as u64,
+            log.reconstruction.loss_log.clone(),
+        ),
     )
 }
 

@@ -43,6 +43,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::model::vq::{VqConfig, VqModel};
+use crate::train::looping::LossWindows;
 
 pub use checkpoint::{CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS};
 pub use config::{ReconLoss, VqTrainConfig};
@@ -82,25 +83,9 @@ pub struct StepStats {
 pub struct RunLog {
     /// Seconds spent in training steps, summed over resumed runs.
     pub seconds: f64,
-    /// Mean reconstruction loss of each closed window, in order.
-    pub reconstruction: Vec<f32>,
-    /// The open window: summed loss and steps.
-    window: (f64, u64),
-}
-
-impl RunLog {
-    /// Adds one step's loss; returns the window's mean when it closes.
-    fn add(&mut self, reconstruction: f32, seconds: f64) -> Option<f32> {
-        self.seconds += seconds;
-        self.window = (self.window.0 + reconstruction as f64, self.window.1 + 1);
-        if self.window.1 < crate::train::looping::LOG_WINDOW {
-            return None;
-        }
-        let mean = (self.window.0 / self.window.1 as f64) as f32;
-        self.reconstruction.push(mean);
-        self.window = (0.0, 0);
-        Some(mean)
-    }
+    /// The reconstruction loss per window of steps.
+    #[serde(flatten)]
+    pub reconstruction: LossWindows,
 }
 
 /// One training batch.
@@ -296,9 +281,8 @@ impl VqTrainer {
         } else {
             0
         };
-        let window_mean = self
-            .log
-            .add(batch.reconstruction, started.elapsed().as_secs_f64());
+        self.log.seconds += started.elapsed().as_secs_f64();
+        let window_mean = self.log.reconstruction.add(batch.reconstruction);
         Ok(StepStats {
             window_mean,
             step: self.step,

@@ -93,6 +93,17 @@ impl Task {
             Task::Mixed => "mixed",
         }
     }
+
+    /// The one domain every segment of this task's items is in, if there is
+    /// one: a stage that must not learn that domain has nothing to learn
+    /// from such an item.
+    pub fn sole_domain(self) -> Option<Domain> {
+        match self {
+            Task::Arithmetic => Some(Domain::Arithmetic),
+            Task::Code => Some(Domain::Code),
+            Task::Caption | Task::Draw | Task::Mixed => None,
+        }
+    }
 }
 
 /// One piece of a sequence: labelled text, or a picture kept as its scene.
