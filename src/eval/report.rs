@@ -142,6 +142,17 @@ pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
         .map(|&a| (a, draw_targets(a)))
         .collect();
     let mut rows = attribute_rows("image (drawn from held-out captions):", &t.draw, &draw);
+    for (shapes, label) in [
+        (1, "image colour: one shape asked for"),
+        (2, "image colour: two shapes asked for"),
+    ] {
+        let (h, n) = t
+            .draw_colour_by_count
+            .get(&shapes)
+            .copied()
+            .unwrap_or((0, 0));
+        rows.push(Row::rate(label, h, n, ""));
+    }
     let unseen: Vec<(&str, &'static str)> = ["colour", "shape", "position", "count", "all"]
         .iter()
         .map(|&a| (a, ""))
@@ -392,6 +403,29 @@ pub fn targets(r: &EvalReport) -> Vec<TargetCheck> {
 }
 
 /// Every table, in markdown.
+/// Pairs shown in a mode's colour-miss line.
+const SHOWN_MISSES: usize = 5;
+
+/// The one-shape drawings most often drawn in another colour, as one line;
+/// `None` when every colour was right.
+fn colour_misses(t: &TaskScores) -> Option<String> {
+    let mut misses: Vec<(usize, String)> = (t.draw_pairs.iter())
+        .flat_map(|(pair, p)| {
+            (p.drawn_instead.iter())
+                .map(move |(colour, &k)| (k, format!("{pair} → {colour} {k}/{}", p.asked)))
+        })
+        .collect();
+    if misses.is_empty() {
+        return None;
+    }
+    misses.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let shown: Vec<String> = misses.into_iter().take(SHOWN_MISSES).map(|m| m.1).collect();
+    Some(format!(
+        "Colours most often drawn instead, one shape asked for (asked → drawn: times / asked): {}.",
+        shown.join("; ")
+    ))
+}
+
 pub fn markdown(r: &EvalReport) -> String {
     let mut out = String::new();
     out.push_str("### Targets\n\n| target | measured | met |\n| --- | --- | --- |\n");
@@ -434,9 +468,40 @@ pub fn markdown(r: &EvalReport) -> String {
     for m in &r.modes {
         let _ = write!(out, "\n### Routing mode `{}`\n\n", m.mode);
         table(&mut out, &mode_rows(m));
+        if let Some(line) = colour_misses(&m.tasks) {
+            let _ = writeln!(out, "\n{line}");
+        }
         if let Some(e) = &m.tasks.first_failure {
             let _ = writeln!(out, "\nFirst failed request: {e}");
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::tasks::PairColours;
+
+    #[test]
+    fn colour_misses_list_the_most_frequent_first() {
+        let mut t = TaskScores::default();
+        assert_eq!(colour_misses(&t), None);
+        let pair = |asked, instead: &[(&str, usize)]| PairColours {
+            asked,
+            drawn_instead: instead.iter().map(|&(c, k)| (c.to_string(), k)).collect(),
+        };
+        t.draw_pairs
+            .insert("green square".into(), pair(5, &[("yellow", 5)]));
+        t.draw_pairs.insert(
+            "blue triangle".into(),
+            pair(18, &[("green", 9), ("purple", 1)]),
+        );
+        t.draw_pairs.insert("red circle".into(), pair(30, &[]));
+        let line = colour_misses(&t).unwrap();
+        assert!(
+            line.ends_with(": blue triangle → green 9/18; green square → yellow 5/5; blue triangle → purple 1/18."),
+            "{line}"
+        );
+    }
 }

@@ -28,7 +28,8 @@ use super::model::EvalModel;
 use crate::engine::{AdapterRequest, EngineHandle};
 use crate::routing::mode::RoutingMode;
 use crate::train::data::arith::Op;
-use crate::train::data::checker::AttributeTally;
+use crate::train::data::checker::{detect, AttributeTally};
+use crate::train::data::reading::CheckResult;
 use crate::train::data::scoring::{score, Produced};
 use crate::train::data::text_domains::{sample, sample_mixed_kind, MixedKind};
 use crate::train::data::{Check, Domain, Scene, Segment, Split, Task, TextExample};
@@ -152,6 +153,12 @@ pub struct TaskScores {
     pub draw: AttributeTally,
     /// The same for drawings of colour-shape pairs never seen in training.
     pub draw_unseen: AttributeTally,
+    /// Drawings whose colours were read right, (hits, posed) by the number
+    /// of shapes asked for (1 or 2).
+    pub draw_colour_by_count: BTreeMap<usize, (usize, usize)>,
+    /// One-shape drawings by the colour-shape pair asked for ("blue
+    /// triangle"): where colour goes wrong, it goes wrong per pair.
+    pub draw_pairs: BTreeMap<String, PairColours>,
     /// Attributes read from the words of produced captions.
     pub caption: AttributeTally,
     /// (exactly right, posed) per task.
@@ -173,6 +180,15 @@ pub struct TaskScores {
     /// (for `--show`).
     #[serde(skip)]
     pub shown: Vec<String>,
+}
+
+/// One-shape drawings of one colour-shape pair.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PairColours {
+    pub asked: usize,
+    /// The colours drawn instead, counted where one shape was drawn but in
+    /// another colour.
+    pub drawn_instead: BTreeMap<String, usize>,
 }
 
 /// Items per row kept for `--show`.
@@ -259,7 +275,14 @@ pub fn run_suite(
                 (Task::Draw, Segment::Image(_)) if item.split == Split::HeldOutPairs => {
                     scores.draw_unseen.add(attributes)
                 }
-                (Task::Draw, Segment::Image(_)) => scores.draw.add(attributes),
+                (Task::Draw, Segment::Image(scene)) => {
+                    scores.draw.add(attributes);
+                    let drawn = match produced.first() {
+                        Some(Produced::Image(img)) => Some(img),
+                        _ => None,
+                    };
+                    tally_colours(&mut scores, scene, attributes, drawn);
+                }
                 (Task::Caption, Segment::Text { .. }) => scores.caption.add(attributes),
                 _ => {}
             }
@@ -267,6 +290,35 @@ pub fn run_suite(
     }
     scores.wall_s = start.elapsed().as_secs_f64();
     Ok(scores)
+}
+
+/// Counts a held-out drawing's colour by shapes asked for and, for one
+/// shape, by the pair asked for and the colour drawn instead.
+fn tally_colours(
+    scores: &mut TaskScores,
+    scene: &Scene,
+    attributes: &CheckResult,
+    drawn: Option<&RgbImage>,
+) {
+    let by_count = scores.draw_colour_by_count.entry(scene.shapes.len());
+    count(by_count.or_default(), attributes.colour_ok);
+    let [asked] = scene.shapes.as_slice() else {
+        return;
+    };
+    let pair = format!("{} {}", asked.colour.name(), asked.shape.name());
+    let entry = scores.draw_pairs.entry(pair).or_default();
+    entry.asked += 1;
+    if attributes.colour_ok || !attributes.count_ok {
+        return;
+    }
+    let read = drawn.and_then(|img| detect(img).ok());
+    if let Some(colour) = read
+        .as_ref()
+        .and_then(|d| d.shapes.first())
+        .map(|s| s.colour)
+    {
+        *entry.drawn_instead.entry(colour.name().into()).or_default() += 1;
+    }
 }
 
 /// Adds one posed item to an (exactly right, posed) tally.
@@ -338,7 +390,38 @@ fn show(row: &str, item: &Item, produced: &[Produced], exact: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::data::checker::check;
+    use crate::train::data::shapes::{Background, Colour, Position, Shape, ShapeSpec, Size};
     use crate::train::data::text_domains::sample_arithmetic;
+
+    fn one_shape(colour: Colour) -> Scene {
+        Scene {
+            background: Background::White,
+            shapes: vec![ShapeSpec {
+                shape: Shape::Triangle,
+                colour,
+                size: Size::Large,
+                position: Position::Center,
+            }],
+        }
+    }
+
+    /// A blue triangle asked for and a green one drawn counts against blue
+    /// triangles as "green"; a right drawing counts only as asked.
+    #[test]
+    fn a_wrong_colour_is_counted_against_the_pair_asked_for() {
+        let asked = one_shape(Colour::Blue);
+        let mut scores = TaskScores::default();
+        for drawn in [one_shape(Colour::Green), one_shape(Colour::Blue)] {
+            let img = drawn.render();
+            let verdict = check(&img, &asked);
+            tally_colours(&mut scores, &asked, &verdict, Some(&img));
+        }
+        let pair = &scores.draw_pairs["blue triangle"];
+        assert_eq!(pair.asked, 2);
+        assert_eq!(pair.drawn_instead, BTreeMap::from([("green".into(), 1)]));
+        assert_eq!(scores.draw_colour_by_count[&1], (1, 2));
+    }
 
     #[test]
     fn operator_count_reads_the_prompt() {
