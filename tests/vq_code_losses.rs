@@ -134,7 +134,7 @@ fn shapes_named(trainer: &VqTrainer, scenes: &[Scene]) -> f64 {
 
 /// With the shape loss, a cell's code tells which shape covers it; the
 /// same run without it lets shapes share codes (the demo VQ's figures are
-/// in the README, "Codes that name their shape").
+/// in docs/VQ.md, "Codes that name their shape").
 #[test]
 fn the_shape_loss_gives_each_shape_its_own_codes() {
     pin_threads();

@@ -13,7 +13,7 @@
 //! of different shapes share codes: a cell holding a circle's rim and one
 //! holding a triangle's corner differ in a few pixels, so the codebook
 //! spends its entries on colours and the decoder draws an average edge
-//! (README, "What limits the shapes"). Asking a few latent channels to name
+//! (docs/VQ.md, "What limits the shapes"). Asking a few latent channels to name
 //! the cell's shape makes such cells far apart, so they get distinct codes.
 
 use anyhow::Result;

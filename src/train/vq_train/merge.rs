@@ -11,7 +11,7 @@
 //! predict the codes does. In session 6's VQ the same 8x8 patch of pixels
 //! took 4.0 nats of code entropy over 511 codes; merged within 0.7 it kept
 //! under 30 codes and about 1.3 nats, and its reconstructions read back
-//! nearly the same colours and shapes (README, "Choosing the VQ";
+//! nearly the same colours and shapes (docs/VQ.md, "Choosing the VQ";
 //! `examples/vq_merge_probe`). With the context loss (`losses`) the codes
 //! are far less noisy to begin with, and the demo merges within 0.5.
 //!
