@@ -19,7 +19,7 @@ mod common;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use molora::eval::image_checks::{held_out_scenes, psnr, shape_named_by_code};
+use molora::eval::image_checks::{class_named_by_code, held_out_scenes, psnr};
 use molora::eval::model::at_checker_size;
 use molora::model::vq::pixels::fit_square;
 use molora::model::vq::{VqConfig, VqModel};
@@ -129,7 +129,7 @@ fn code_entropy_given_patch(vq: &VqModel, images: &[image::RgbImage], grid: usiz
     Ok(conditional_entropy(by_patch.values()))
 }
 
-/// [`shape_named_by_code`] over every cell of `scenes`.
+/// [`class_named_by_code`] over every cell of `scenes`.
 fn shapes_named(
     vq: &VqModel,
     scenes: &[Scene],
@@ -144,5 +144,5 @@ fn shapes_named(
                 .zip(scene.patch_shapes(grid as u32)),
         );
     }
-    Ok(shape_named_by_code(cells))
+    Ok(class_named_by_code(cells))
 }

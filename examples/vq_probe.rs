@@ -21,7 +21,7 @@ use molora::model::vq::VqConfig;
 use molora::train::data::checker::{check, AttributeTally};
 use molora::train::data::Scene;
 use molora::train::data::Split;
-use molora::train::vq_stages::vq_batch;
+use molora::train::vq_stages::{vq_batch, CellClasses};
 use molora::train::vq_train::{VqTrainConfig, VqTrainer};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -48,6 +48,8 @@ fn main() -> Result<()> {
         foreground_weight: std::env::var("FOREGROUND_WEIGHT").map_or(Ok(0.0), |v| v.parse())?,
         // SHAPE_WEIGHT=w adds the shape loss (VqTrainConfig::shape_weight).
         shape_weight: std::env::var("SHAPE_WEIGHT").map_or(Ok(0.0), |v| v.parse())?,
+        // COLOUR_WEIGHT=w adds the colour loss (VqTrainConfig::colour_weight).
+        colour_weight: std::env::var("COLOUR_WEIGHT").map_or(Ok(0.0), |v| v.parse())?,
         ..VqTrainConfig::new(7)
     };
     let encoder = std::env::var("ENCODER").ok();
@@ -65,7 +67,7 @@ fn main() -> Result<()> {
         load_encoder_side(&trainer, path, &device)?;
     }
     let side = cfg.resolution as u32;
-    let shape_grid = (tcfg.shape_weight > 0.0).then(|| cfg.grid_size());
+    let classes = CellClasses::for_losses(&tcfg, cfg.grid_size());
     let scenes = held_out_scenes(100, 1);
     let started = Instant::now();
     println!("| step | s/step | recon | shape loss | codes/batch | PSNR dB | colour | shape | size | position | count | all |");
@@ -81,7 +83,7 @@ fn main() -> Result<()> {
                 let scenes: Vec<_> = (0..batch)
                     .map(|_| Scene::random(&mut rng, Split::Train))
                     .collect();
-                vq_batch(&scenes, side, shape_grid, &device)
+                vq_batch(&scenes, side, classes, &device)
             },
             None,
             |s| {

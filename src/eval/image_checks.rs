@@ -97,12 +97,13 @@ pub fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
     }
 }
 
-/// Of the cells a shape shows in, the share whose code alone tells which
-/// shape covers it: each code is read as the shape it most often stands
-/// for, and the reading is scored on the same cells. `cells` holds a
-/// (code, `Scene::patch_shapes` class) pair per latent cell; background
-/// cells (class 0) are skipped. 1.0 when no code serves two shapes.
-pub fn shape_named_by_code(cells: impl IntoIterator<Item = (u32, usize)>) -> f64 {
+/// Of the cells a shape shows in, the share whose code alone tells their
+/// class (which shape, or which colour, covers them): each code is read as
+/// the class it most often stands for, and the reading is scored on the
+/// same cells. `cells` holds a (code, `Scene::patch_shapes` or
+/// `patch_colours` class) pair per latent cell; background cells (class 0)
+/// are skipped. 1.0 when no code serves two classes.
+pub fn class_named_by_code(cells: impl IntoIterator<Item = (u32, usize)>) -> f64 {
     let mut by_code: HashMap<u32, HashMap<usize, u64>> = HashMap::new();
     for (code, class) in cells {
         if class > 0 {
@@ -137,7 +138,7 @@ mod tests {
         // Code 1 serves shape 1 twice and shape 2 once; code 3 only shape 2;
         // code 2 only background, which does not count.
         let cells = [(1, 1), (1, 1), (1, 2), (2, 0), (3, 2)];
-        assert_eq!(shape_named_by_code(cells), 3.0 / 4.0);
-        assert_eq!(shape_named_by_code([(2u32, 0usize)]), 0.0);
+        assert_eq!(class_named_by_code(cells), 3.0 / 4.0);
+        assert_eq!(class_named_by_code([(2u32, 0usize)]), 0.0);
     }
 }

@@ -170,6 +170,10 @@ pub struct PipelineConfig {
     /// latent channels must name the shape each cell belongs to (0: off).
     #[serde(default)]
     pub vq_shape_weight: f64,
+    /// Weight of the VQ's colour loss: the next latent channels must name
+    /// each cell's colour, so that every code says its colour (0: off).
+    #[serde(default)]
+    pub vq_colour_weight: f64,
     /// Steps of the `vq_decoder` stage (0: skipped): the decoder alone, on
     /// the merged codes.
     #[serde(default)]
@@ -239,6 +243,7 @@ impl PipelineConfig {
             vq_merge_distance: 0.5,
             vq_context_weight: 2.0,
             vq_shape_weight: 0.3,
+            vq_colour_weight: 0.0,
             vq_decoder_steps: 1100,
             decoder: DecoderSize {
                 hidden_size: 256,
@@ -294,8 +299,8 @@ impl PipelineConfig {
             checkpoint_every: 1,
         };
         let vq: VqConfig = serde_json::from_value(serde_json::json!({
-            "embed_dim": 8, "num_embeddings": 32, "double_latent": false,
-            "latent_channels": 8, "resolution": 16, "in_channels": 3,
+            "embed_dim": 12, "num_embeddings": 32, "double_latent": false,
+            "latent_channels": 12, "resolution": 16, "in_channels": 3,
             "base_channels": 8, "channel_multiplier": [1, 1, 1], "num_res_blocks": 1,
             "attn_resolutions": [], "dropout": 0.0, "attn_type": "vanilla",
             "initializer_range": 0.02, "norm_num_groups": 4
@@ -312,6 +317,8 @@ impl PipelineConfig {
             vq_merge_distance: 0.7,
             vq_context_weight: 1.0,
             vq_shape_weight: 1.0,
+            // 5 shape and 7 colour channels: the tiny VQ's 12.
+            vq_colour_weight: 1.0,
             vq_decoder_steps: 2,
             decoder: DecoderSize {
                 hidden_size: 32,
@@ -401,10 +408,13 @@ impl PipelineConfig {
         if self.adapter_only_domains.contains(&Domain::Image) {
             bail!("adapter_only_domains names image: only text domains have a semantic adapter");
         }
-        let classes = 1 + crate::train::data::shapes::Shape::ALL.len();
-        if self.vq_shape_weight > 0.0 && self.vq.embed_dim < classes {
+        use crate::train::vq_train::{COLOUR_CLASSES, SHAPE_CLASSES};
+        let on = |weight: f64, classes: usize| if weight > 0.0 { classes } else { 0 };
+        let classes =
+            on(self.vq_shape_weight, SHAPE_CLASSES) + on(self.vq_colour_weight, COLOUR_CLASSES);
+        if self.vq.embed_dim < classes {
             bail!(
-                "vq_shape_weight needs {classes} latent channels to name a cell's shape, but vq.embed_dim is {}",
+                "vq_shape_weight and vq_colour_weight need {classes} latent channels to name a cell's shape and colour, but vq.embed_dim is {}",
                 self.vq.embed_dim
             );
         }

@@ -12,10 +12,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::batch::mix;
-use super::data::shapes::{Scene, Shape};
+use super::data::shapes::Scene;
 use super::data::Split;
 use super::pipeline::{record, Run, StageLog};
-use super::vq_train::{StepStats, VqBatch, VqTrainConfig, VqTrainer, CHECKPOINT_STATE};
+use super::vq_train::{
+    StepStats, VqBatch, VqTrainConfig, VqTrainer, CHECKPOINT_STATE, COLOUR_CLASSES, SHAPE_CLASSES,
+};
 use crate::engine::images::VQ_WEIGHTS_FILE;
 use crate::model::vq::pixels::fit_square;
 use crate::model::vq::rgb_to_tensor;
@@ -29,6 +31,7 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
         decay_steps: cfg.vq_steps,
         context_weight: cfg.vq_context_weight,
         shape_weight: cfg.vq_shape_weight,
+        colour_weight: cfg.vq_colour_weight,
         ..train_config(run, seed)
     };
     let _one_thread = MatmulThreads::set(1);
@@ -107,10 +110,11 @@ fn train(
     let side = run.cfg.vq.resolution as u32;
     let batch = run.cfg.vq_batch;
     let paired = trainer.train_config().context_weight > 0.0;
-    let shape_grid = (trainer.train_config().shape_weight > 0.0).then(|| run.cfg.vq.grid_size());
+    let classes = CellClasses::for_losses(trainer.train_config(), run.cfg.vq.grid_size());
     let trained = TrainedLosses {
         context: paired,
-        shape: shape_grid.is_some(),
+        shape: classes.is_some_and(|c| c.shapes),
+        colour: classes.is_some_and(|c| c.colours),
     };
     let bar = indicatif::ProgressBar::new(steps);
     bar.set_position(trainer.step_count());
@@ -123,7 +127,7 @@ fn train(
             } else {
                 random_scenes(rng, batch)
             };
-            vq_batch(&scenes, side, shape_grid, device)
+            vq_batch(&scenes, side, classes, device)
         },
         Some(dir),
         |s| {
@@ -152,6 +156,7 @@ fn train(
 struct TrainedLosses {
     context: bool,
     shape: bool,
+    colour: bool,
 }
 
 impl TrainedLosses {
@@ -163,6 +168,9 @@ impl TrainedLosses {
         }
         if self.shape {
             line += &format!(" shape {:.3}", s.shape);
+        }
+        if self.colour {
+            line += &format!(" colour {:.3}", s.colour);
         }
         line
     }
@@ -235,37 +243,74 @@ fn scene_images(scenes: &[Scene], side: u32, device: &Device) -> Result<Tensor> 
     rgb_to_tensor(&images, device)
 }
 
-/// A VQ training batch of `scenes`; with `shape_grid`, each latent cell's
-/// one-hot shape class too ([`shape_targets`]).
+/// Which per-cell classes a VQ batch carries: the targets of the shape
+/// and colour losses, on the latent grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellClasses {
+    pub grid: usize,
+    pub shapes: bool,
+    pub colours: bool,
+}
+
+impl CellClasses {
+    /// The classes `tcfg`'s losses read, if any.
+    pub fn for_losses(tcfg: &VqTrainConfig, grid: usize) -> Option<Self> {
+        let (shapes, colours) = (tcfg.shape_weight > 0.0, tcfg.colour_weight > 0.0);
+        (shapes || colours).then_some(CellClasses {
+            grid,
+            shapes,
+            colours,
+        })
+    }
+}
+
+/// A VQ training batch of `scenes`; with `classes`, each latent cell's
+/// one-hot classes too ([`cell_targets`]).
 pub fn vq_batch(
     scenes: &[Scene],
     side: u32,
-    shape_grid: Option<usize>,
+    classes: Option<CellClasses>,
     device: &Device,
 ) -> Result<VqBatch> {
     Ok(VqBatch {
         images: scene_images(scenes, side, device)?,
-        patch_shapes: match shape_grid {
-            Some(grid) => Some(shape_targets(scenes, grid, device)?),
+        cell_classes: match classes {
+            Some(classes) => Some(cell_targets(scenes, classes, device)?),
             None => None,
         },
     })
 }
 
-/// One-hot shape classes (n, 1 + shapes, grid, grid) of
-/// [`Scene::patch_shapes`], the targets of the VQ's shape loss.
-pub fn shape_targets(scenes: &[Scene], grid: usize, device: &Device) -> Result<Tensor> {
-    let classes = 1 + Shape::ALL.len();
+/// A scene's class per cell of a grid ([`Scene::patch_shapes`]).
+type ClassesOf = fn(&Scene, u32) -> Vec<usize>;
+
+/// One-hot classes (n, K, grid, grid): the shape classes of
+/// [`Scene::patch_shapes`], then the colour classes of
+/// [`Scene::patch_colours`], each where `classes` asks for it.
+pub fn cell_targets(scenes: &[Scene], classes: CellClasses, device: &Device) -> Result<Tensor> {
+    let grid = classes.grid;
+    let mut groups: Vec<(usize, ClassesOf)> = Vec::new();
+    if classes.shapes {
+        groups.push((SHAPE_CLASSES, Scene::patch_shapes));
+    }
+    if classes.colours {
+        groups.push((COLOUR_CLASSES, Scene::patch_colours));
+    }
+    let k: usize = groups.iter().map(|g| g.0).sum();
     let cells = grid * grid;
-    let mut one_hot = vec![0f32; scenes.len() * classes * cells];
+    let mut one_hot = vec![0f32; scenes.len() * k * cells];
     for (i, scene) in scenes.iter().enumerate() {
-        for (cell, class) in scene.patch_shapes(grid as u32).into_iter().enumerate() {
-            one_hot[(i * classes + class) * cells + cell] = 1.0;
+        let mut first = 0;
+        for (group_classes, classes_of) in &groups {
+            for (cell, class) in classes_of(scene, grid as u32).into_iter().enumerate() {
+                one_hot[(i * k + first + class) * cells + cell] = 1.0;
+            }
+            first += group_classes;
         }
     }
     Ok(Tensor::from_vec(
         one_hot,
-        (scenes.len(), classes, grid, grid),
+        (scenes.len(), k, grid, grid),
         device,
     )?)
 }

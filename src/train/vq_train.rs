@@ -48,7 +48,7 @@ use crate::train::looping::LossWindows;
 pub use checkpoint::{CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS};
 pub use config::{ReconLoss, VqTrainConfig};
 pub use init::init_weights;
-pub use losses::Losses;
+pub use losses::{Losses, COLOUR_CLASSES, SHAPE_CLASSES};
 pub use merge::MergeReport;
 pub use optim::AdamW;
 
@@ -68,6 +68,8 @@ pub struct StepStats {
     pub context: f32,
     /// Cross-entropy of the latents' shape channels (0 when off).
     pub shape: f32,
+    /// The same for the colour channels.
+    pub colour: f32,
     /// Distinct codes chosen in this batch.
     pub codes_in_batch: usize,
     /// Codebook entries re-initialised after this step.
@@ -93,16 +95,18 @@ pub struct RunLog {
 pub struct VqBatch {
     /// (B, 3, R, R) in [-1, 1].
     pub images: Tensor,
-    /// One-hot shape class of every latent cell (B, K, g, g), for the shape
-    /// loss: 0 = background, `1 + i` = the i-th shape kind.
-    pub patch_shapes: Option<Tensor>,
+    /// One-hot classes of every latent cell (B, K, g, g) for the class
+    /// losses: the shape classes when the shape loss is on
+    /// ([`crate::train::data::Scene::patch_shapes`]), then the colour
+    /// classes when the colour loss is on (`patch_colours`).
+    pub cell_classes: Option<Tensor>,
 }
 
 impl From<Tensor> for VqBatch {
     fn from(images: Tensor) -> Self {
         Self {
             images,
-            patch_shapes: None,
+            cell_classes: None,
         }
     }
 }
@@ -132,8 +136,8 @@ impl VqTrainer {
         if tcfg.decoder_only && tcfg.restart_every != 0 {
             bail!("decoder-only VQ training must not restart codes (set restart_every to 0)");
         }
-        if tcfg.decoder_only && tcfg.shape_weight > 0.0 {
-            bail!("decoder-only VQ training keeps the encoder frozen: the shape loss (shape_weight) cannot apply");
+        if tcfg.decoder_only && (tcfg.shape_weight > 0.0 || tcfg.colour_weight > 0.0) {
+            bail!("decoder-only VQ training keeps the encoder frozen: the shape and colour losses (shape_weight, colour_weight) cannot apply");
         }
         if tcfg.context_weight > 0.0 && !tcfg.micro_batch.is_multiple_of(2) {
             bail!(
@@ -241,7 +245,7 @@ impl VqTrainer {
     /// Gradients of the total loss of one batch (for checks; no update).
     pub fn gradients(&self, batch: impl Into<VqBatch>) -> Result<(Losses, GradStore)> {
         let batch = batch.into();
-        let losses = self.losses_of(&batch.images, batch.patch_shapes.as_ref())?;
+        let losses = self.losses_of(&batch.images, batch.cell_classes.as_ref())?;
         let grads = losses.total.backward()?;
         Ok((losses, grads))
     }
@@ -292,6 +296,7 @@ impl VqTrainer {
             commitment: batch.commitment,
             context: batch.context,
             shape: batch.shape,
+            colour: batch.colour,
             codes_in_batch: in_batch.iter().filter(|&&b| b).count(),
             restarted,
         })

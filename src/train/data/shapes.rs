@@ -316,27 +316,45 @@ impl Scene {
     /// `Shape::ALL[i]` covers most of the cell's shape pixels. The VQ's
     /// shape loss learns from these (`train::vq_train::losses`).
     pub fn patch_shapes(&self, grid: u32) -> Vec<usize> {
+        self.patch_classes(grid, Shape::ALL.len(), |s| s.shape as usize)
+    }
+
+    /// The same for colours: 0 where no shape shows, `1 + i` where shapes
+    /// of `Colour::ALL[i]` cover most of the cell's shape pixels (the VQ's
+    /// colour loss).
+    pub fn patch_colours(&self, grid: u32) -> Vec<usize> {
+        self.patch_classes(grid, Colour::ALL.len(), |s| s.colour as usize)
+    }
+
+    /// Per cell, 0 or `1 + ` the `class_of` (below `classes`) that covers
+    /// most of the cell's shape pixels; ties go to the lower class.
+    fn patch_classes(
+        &self,
+        grid: u32,
+        classes: usize,
+        class_of: impl Fn(&ShapeSpec) -> usize,
+    ) -> Vec<usize> {
         let cell = IMAGE_SIZE / grid;
-        let mut classes = Vec::with_capacity((grid * grid) as usize);
+        let mut out = Vec::with_capacity((grid * grid) as usize);
         for gy in 0..grid {
             for gx in 0..grid {
-                let mut covered = vec![0u32; Shape::ALL.len()];
+                let mut covered = vec![0u32; classes];
                 for y in gy * cell..(gy + 1) * cell {
                     for x in gx * cell..(gx + 1) * cell {
                         // Later shapes paint over earlier ones, as in `render`.
                         if let Some(spec) = self.shapes.iter().rev().find(|s| s.covers(x, y)) {
-                            covered[spec.shape as usize] += 1;
+                            covered[class_of(spec)] += 1;
                         }
                     }
                 }
                 let best = (0..covered.len()).max_by_key(|&i| (covered[i], std::cmp::Reverse(i)));
-                classes.push(match best {
+                out.push(match best {
                     Some(i) if covered[i] > 0 => 1 + i,
                     _ => 0,
                 });
             }
         }
-        classes
+        out
     }
 
     /// A random scene of `split` (one or two shapes, equally likely).

@@ -81,6 +81,13 @@ pub struct VqTrainConfig {
     /// then carry `patch_shapes`).
     #[serde(default)]
     pub shape_weight: f64,
+    /// Weight of the colour loss: the next latent channels (after the shape
+    /// channels when the shape loss is on) must name the colour that covers
+    /// most of the cell. Without it a code may stand for several colours
+    /// and the decoder reads the colour off its neighbours, so one wrong
+    /// code drawn beside them recolours a shape (0 = off).
+    #[serde(default)]
+    pub colour_weight: f64,
 }
 
 fn default_threads() -> usize {
@@ -107,6 +114,7 @@ impl VqTrainConfig {
             decoder_only: false,
             context_weight: 0.0,
             shape_weight: 0.0,
+            colour_weight: 0.0,
         }
     }
 }

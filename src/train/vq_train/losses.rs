@@ -15,11 +15,18 @@
 //! spends its entries on colours and the decoder draws an average edge
 //! (docs/VQ.md, "What limits the shapes"). Asking a few latent channels to name
 //! the cell's shape makes such cells far apart, so they get distinct codes.
+//!
+//! The colour loss does the same for colours. Without it a code may stand
+//! for a green shape's edge in one picture and a yellow one's in another,
+//! the decoder telling them apart by the neighbouring codes; a base that
+//! draws one such code beside the wrong neighbours recolours the shape
+//! (`examples/vq_pair_colours`).
 
 use anyhow::Result;
 use candle_core::Tensor;
 
 use super::{ReconLoss, VqTrainer};
+use crate::train::data::shapes::{Colour, Shape};
 
 /// The loss of one batch, as graph tensors (scalars).
 pub struct Losses {
@@ -33,6 +40,8 @@ pub struct Losses {
     /// Cross-entropy of the shape channels (zero when `shape_weight` is 0),
     /// unweighted.
     pub shape: Tensor,
+    /// The same for the colour channels and `colour_weight`.
+    pub colour: Tensor,
     /// Chosen codes (B, g*g) u32.
     pub codes: Tensor,
     /// Pre-quantization latents, one row per code, detached: (B*g*g, embed_dim).
@@ -45,9 +54,10 @@ impl VqTrainer {
         self.losses_of(images, None)
     }
 
-    /// [`Self::losses`] with each latent cell's one-hot shape class
-    /// (B, K, g, g), required when `shape_weight` > 0.
-    pub fn losses_of(&self, images: &Tensor, patch_shapes: Option<&Tensor>) -> Result<Losses> {
+    /// [`Self::losses`] with each latent cell's one-hot classes
+    /// (B, K, g, g) ([`VqBatch::cell_classes`]), required when the shape or
+    /// colour loss is on.
+    pub fn losses_of(&self, images: &Tensor, cell_classes: Option<&Tensor>) -> Result<Losses> {
         if self.tcfg.decoder_only {
             return self.decoder_losses(images);
         }
@@ -67,18 +77,25 @@ impl VqTrainer {
         } else {
             reconstruction.zeros_like()?
         };
-        let shape = if self.tcfg.shape_weight > 0.0 {
-            let targets = patch_shapes.ok_or_else(|| {
+        // Each class loss reads the next group of latent channels against
+        // the same group of `cell_classes`.
+        let mut first = 0;
+        let mut class_term = |weight: f64, classes: usize| -> Result<Tensor> {
+            if weight <= 0.0 {
+                return Ok(reconstruction.zeros_like()?);
+            }
+            let targets = cell_classes.ok_or_else(|| {
                 anyhow::anyhow!(
-                    "the VQ shape loss (shape_weight > 0) needs batches with patch_shapes"
+                    "the VQ shape and colour losses need batches with cell_classes (see vq_batch)"
                 )
             })?;
-            let shape = shape_loss(&out.latents, targets)?;
-            total = (total + (&shape * self.tcfg.shape_weight)?)?;
-            shape
-        } else {
-            reconstruction.zeros_like()?
+            let loss = class_loss(&out.latents, first, &targets.narrow(1, first, classes)?)?;
+            first += classes;
+            total = (&total + (&loss * weight)?)?;
+            Ok(loss)
         };
+        let shape = class_term(self.tcfg.shape_weight, SHAPE_CLASSES)?;
+        let colour = class_term(self.tcfg.colour_weight, COLOUR_CLASSES)?;
         Ok(Losses {
             total,
             reconstruction,
@@ -86,6 +103,7 @@ impl VqTrainer {
             commitment: q.commitment_loss,
             context,
             shape,
+            colour,
             codes: q.codes,
             latents: latent_rows(&out.latents)?,
         })
@@ -108,7 +126,8 @@ impl VqTrainer {
             codebook: zero.clone(),
             commitment: zero.clone(),
             context: zero.clone(),
-            shape: zero,
+            shape: zero.clone(),
+            colour: zero,
             codes,
             latents: latent_rows(&z)?,
         })
@@ -161,20 +180,25 @@ pub(super) fn context_loss(latents: &Tensor, images: &Tensor) -> Result<Tensor> 
     Ok(((latent_diff * equal)?.sum_all()? / cells.max(1.0) as f64)?)
 }
 
-/// Mean cross-entropy over latent cells of the first K channels of
-/// `latents` (B, C, h, w), read as logits, against one-hot `targets`
+/// Shape classes of a cell: background and each shape kind.
+pub const SHAPE_CLASSES: usize = 1 + Shape::ALL.len();
+/// Colour classes of a cell: background and each colour.
+pub const COLOUR_CLASSES: usize = 1 + Colour::ALL.len();
+
+/// Mean cross-entropy over latent cells of the K channels of `latents`
+/// (B, C, h, w) from `first` on, read as logits, against one-hot `targets`
 /// (B, K, h, w). Built from ops that all have a backward.
-pub(super) fn shape_loss(latents: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub(super) fn class_loss(latents: &Tensor, first: usize, targets: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = latents.dims4()?;
     let (tb, k, th, tw) = targets.dims4()?;
-    if (tb, th, tw) != (b, h, w) || k > c {
+    if (tb, th, tw) != (b, h, w) || first + k > c {
         anyhow::bail!(
-            "shape targets {:?} do not fit latents {:?}: want (B, K <= C, h, w)",
+            "class targets {:?} from channel {first} do not fit latents {:?}: want (B, K <= C - {first}, h, w)",
             targets.dims(),
             latents.dims()
         );
     }
-    let logits = latents.narrow(1, 0, k)?;
+    let logits = latents.narrow(1, first, k)?;
     let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
     let log_norm = shifted.exp()?.sum_keepdim(1)?.log()?;
     let log_p = shifted.broadcast_sub(&log_norm)?;

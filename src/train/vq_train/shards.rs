@@ -28,6 +28,7 @@ pub(super) struct BatchGradients {
     pub commitment: f32,
     pub context: f32,
     pub shape: f32,
+    pub colour: f32,
     /// (B, g*g) u32.
     pub codes: Tensor,
     /// (B*g*g, embed_dim), detached.
@@ -39,9 +40,9 @@ struct Part {
     index: usize,
     /// Gradient per variable (aligned with `vars`), already weighted.
     grads: Vec<Option<Tensor>>,
-    /// Weighted total, reconstruction, codebook, commitment, context and
-    /// shape losses.
-    scalars: [f32; 6],
+    /// Weighted total, reconstruction, codebook, commitment, context, shape
+    /// and colour losses.
+    scalars: [f32; 7],
     codes: Tensor,
     latents: Tensor,
 }
@@ -67,17 +68,17 @@ fn worker(
         let (start, len) = chunks[index];
         let weight = len as f64 / b as f64;
         let x = batch.images.narrow(0, start, len)?;
-        let shapes = match &batch.patch_shapes {
+        let classes = match &batch.cell_classes {
             Some(t) => Some(t.narrow(0, start, len)?),
             None => None,
         };
-        let losses = trainer.losses_of(&x, shapes.as_ref())?;
+        let losses = trainer.losses_of(&x, classes.as_ref())?;
         let grads = (&losses.total * weight)?.backward()?;
         let grads = vars
             .iter()
             .map(|v| grads.get(v.as_tensor()).cloned())
             .collect();
-        let mut scalars = [0f32; 6];
+        let mut scalars = [0f32; 7];
         let values = [
             &losses.total,
             &losses.reconstruction,
@@ -85,6 +86,7 @@ fn worker(
             &losses.commitment,
             &losses.context,
             &losses.shape,
+            &losses.colour,
         ];
         for (acc, t) in scalars.iter_mut().zip(values) {
             *acc = t.to_scalar::<f32>()? * weight as f32;
@@ -150,7 +152,7 @@ pub(super) fn batch_gradients(
     parts.sort_by_key(|p| p.index);
 
     let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let mut scalars = [0f32; 6];
+    let mut scalars = [0f32; 7];
     for part in &parts {
         for (sum, g) in sums.iter_mut().zip(&part.grads) {
             if let Some(g) = g {
@@ -176,6 +178,7 @@ pub(super) fn batch_gradients(
         commitment: scalars[3],
         context: scalars[4],
         shape: scalars[5],
+        colour: scalars[6],
         codes: Tensor::cat(&codes, 0)?,
         latents: Tensor::cat(&latents, 0)?,
     })

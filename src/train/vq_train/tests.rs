@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::losses::{context_loss, foreground_weights, shape_loss};
+use super::losses::{class_loss, context_loss, foreground_weights};
 use super::{learning_rate_at, VqTrainConfig};
 
 /// One 4x4 image in [-1, 1]: white background, a red 2x2 block at rows 1-2,
@@ -86,14 +86,14 @@ fn context_loss_averages_latent_differences_of_equal_cells() {
 }
 
 /// Latents (1, C=3, 1, 2): two cells whose first two channels are logits
-/// over two classes; the third channel is not a shape channel.
+/// over two classes; the third channel is not a class channel.
 #[test]
-fn shape_loss_is_the_cross_entropy_of_the_first_k_channels() {
+fn class_loss_is_the_cross_entropy_of_its_k_channels() {
     let dev = Device::Cpu;
     // Cell 0: logits (2, 0), class 0. Cell 1: logits (0, 1), class 0.
     let z = Var::from_vec(vec![2f32, 0.0, 0.0, 1.0, 9.0, -9.0], (1, 3, 1, 2), &dev).unwrap();
     let targets = Tensor::from_vec(vec![1f32, 1.0, 0.0, 0.0], (1, 2, 1, 2), &dev).unwrap();
-    let loss = shape_loss(z.as_tensor(), &targets).unwrap();
+    let loss = class_loss(z.as_tensor(), 0, &targets).unwrap();
     let ce = |own: f32, other: f32| -(own.exp() / (own.exp() + other.exp())).ln();
     let want = (ce(2.0, 0.0) + ce(0.0, 1.0)) / 2.0;
     let got = loss.to_scalar::<f32>().unwrap();
@@ -114,5 +114,12 @@ fn shape_loss_is_the_cross_entropy_of_the_first_k_channels() {
     assert_eq!(&grad[4..], &[0.0, 0.0]);
     // More target classes than latent channels is an error, not a panic.
     let too_many = Tensor::zeros((1, 4, 1, 2), DType::F32, &dev).unwrap();
-    assert!(shape_loss(z.as_tensor(), &too_many).is_err());
+    assert!(class_loss(z.as_tensor(), 0, &too_many).is_err());
+    assert!(class_loss(z.as_tensor(), 2, &targets).is_err());
+
+    // From channel 1 on: cell 0 reads logits (0, 9), cell 1 (1, -9).
+    let loss = class_loss(z.as_tensor(), 1, &targets).unwrap();
+    let want = (ce(0.0, 9.0) + ce(1.0, -9.0)) / 2.0;
+    let got = loss.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-4, "loss {got}, want {want}");
 }

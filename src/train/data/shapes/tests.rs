@@ -42,6 +42,28 @@ fn patch_shapes_name_the_shape_covering_each_cell() {
         0, 0, triangle_class, triangle_class,
     ];
     assert_eq!(classes, want);
+
+    // The same cells by colour: the triangle is blue, the square stays red.
+    let scene = Scene {
+        shapes: vec![
+            scene.shapes[0],
+            ShapeSpec {
+                colour: Colour::Blue,
+                ..scene.shapes[1]
+            },
+        ],
+        ..scene
+    };
+    let colour_class = |c: Colour| 1 + Colour::ALL.iter().position(|&x| x == c).unwrap();
+    let (red, blue) = (colour_class(Colour::Red), colour_class(Colour::Blue));
+    #[rustfmt::skip]
+    let want = [
+        red, red, 0, 0,
+        red, red, 0, 0,
+        0, 0, blue, blue,
+        0, 0, blue, blue,
+    ];
+    assert_eq!(scene.patch_colours(4), want);
 }
 
 #[test]
