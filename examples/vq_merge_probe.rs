@@ -90,7 +90,8 @@ fn main() -> Result<()> {
             let groups = MergeReport::new(&used, &rep_of).live_after;
             (build(merged(&book, dim, &rep_of))?, groups)
         } else {
-            (build(book.clone())?, n)
+            // A VQ merged in training holds repeated rows: count distinct ones.
+            (build(book.clone())?, distinct_rows(&book, dim))
         };
         let entropy = code_entropy_given_patch(&vq, &patches, cfg.grid_size())?;
         let named = shapes_named(&vq, &patch_scenes, &patches, cfg.grid_size())?;
@@ -115,6 +116,15 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// How many different vectors the `dim`-wide rows of `book` hold.
+fn distinct_rows(book: &[f32], dim: usize) -> usize {
+    let rows: std::collections::HashSet<Vec<u32>> = book
+        .chunks(dim)
+        .map(|row| row.iter().map(|x| x.to_bits()).collect())
+        .collect();
+    rows.len()
 }
 
 /// Mean entropy (nats) of a patch's code given its exact pixels.
