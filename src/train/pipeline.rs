@@ -217,11 +217,12 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// The shipped demo model: about 83 minutes on this 2-core machine (vq
-    /// ~1.0 s/step, vq_decoder ~0.52, base ~0.61 with the fused kernels,
-    /// adapters ~0.75-1.2, gate ~0.47; README, "Training the demo model").
-    /// The base gets most of the budget; 1,100 decoder-only steps on the
-    /// merged codes cost it nothing (its codes do not move).
+    /// The shipped demo model: about 80 minutes on this 2-core machine (vq
+    /// ~0.71 s/step, vq_decoder ~0.42, base ~0.46 with the fused kernels,
+    /// adapters ~0.7-1.1, gate ~0.4; README, "Training the demo model").
+    /// The base gets most of the budget; the 2,500 decoder-only steps on the
+    /// merged codes cost it nothing (its codes do not move) and take the
+    /// colour-loss VQ's shapes read back from 56% to 92%.
     pub fn demo() -> Self {
         let sched = |steps, lr, warmup| Schedule {
             steps,
@@ -243,8 +244,8 @@ impl PipelineConfig {
             vq_merge_distance: 0.5,
             vq_context_weight: 2.0,
             vq_shape_weight: 0.3,
-            vq_colour_weight: 0.0,
-            vq_decoder_steps: 1100,
+            vq_colour_weight: 0.3,
+            vq_decoder_steps: 2500,
             decoder: DecoderSize {
                 hidden_size: 256,
                 num_layers: 4,
