@@ -10,7 +10,9 @@
 //! is loss it cannot learn away from the caption alone.
 //!
 //! cargo run --release --example vq_merge_probe -- CONFIG.json VQ.safetensors DISTANCE...
-//! (VQ.safetensors unmerged, e.g. `checkpoints/vq/vq.safetensors` of a `molora train` run)
+//! (VQ.safetensors unmerged, e.g. `checkpoints/vq/vq.safetensors` of a `molora train` run,
+//! to compare distances; or a run's merged `vqgan.safetensors` with no DISTANCE, to
+//! measure it as it is: row 0 then counts its distinct code vectors)
 
 use std::collections::HashMap;
 
