@@ -1,6 +1,7 @@
 //! Training the demo model. [`data`] is the procedural world it learns from
 //! and is evaluated on; everything there is deterministic from a seed.
-//! [`pipeline`] sizes the stages, [`stages`] and [`gate_train`] run them
+//! [`presets`] sizes the stages, [`pipeline`] says what data each learns
+//! from, [`stages`] and [`gate_train`] run them
 //! (`molora train <stage>`, see [`cli`]), on the differentiable decoder of
 //! [`decoder`] with the LoRA pairs of [`lora`], batches of [`batch`] and the
 //! loop of [`looping`].
@@ -15,6 +16,7 @@ pub mod gate_train;
 pub mod looping;
 pub mod lora;
 pub mod pipeline;
+pub mod presets;
 pub mod stages;
 pub mod vq_stages;
 pub mod vq_train;
