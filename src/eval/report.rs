@@ -153,6 +153,14 @@ pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
             .unwrap_or((0, 0));
         rows.push(Row::rate(label, h, n, ""));
     }
+    for (relation, label) in [
+        ("left of", "image colour: two shapes side by side"),
+        ("above", "image colour: two shapes one above the other"),
+    ] {
+        let by_relation = t.draw_colour_by_relation.get(relation);
+        let (h, n) = by_relation.copied().unwrap_or((0, 0));
+        rows.push(Row::rate(label, h, n, ""));
+    }
     let unseen: Vec<(&str, &'static str)> = ["colour", "shape", "position", "count", "all"]
         .iter()
         .map(|&a| (a, ""))

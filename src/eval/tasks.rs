@@ -156,6 +156,10 @@ pub struct TaskScores {
     /// Drawings whose colours were read right, (hits, posed) by the number
     /// of shapes asked for (1 or 2).
     pub draw_colour_by_count: BTreeMap<usize, (usize, usize)>,
+    /// Two-shape drawings whose colours were read right, by how the shapes
+    /// sit ("left of": side by side, their codes interleaved row by row;
+    /// "above": one drawn whole before the other).
+    pub draw_colour_by_relation: BTreeMap<String, (usize, usize)>,
     /// One-shape drawings by the colour-shape pair asked for ("blue
     /// triangle"): where colour goes wrong, it goes wrong per pair.
     pub draw_pairs: BTreeMap<String, PairColours>,
@@ -302,6 +306,10 @@ fn tally_colours(
 ) {
     let by_count = scores.draw_colour_by_count.entry(scene.shapes.len());
     count(by_count.or_default(), attributes.colour_ok);
+    if let Some(relation) = scene.relation() {
+        let by_relation = scores.draw_colour_by_relation.entry(relation.name().into());
+        count(by_relation.or_default(), attributes.colour_ok);
+    }
     let [asked] = scene.shapes.as_slice() else {
         return;
     };
@@ -421,6 +429,37 @@ mod tests {
         assert_eq!(pair.asked, 2);
         assert_eq!(pair.drawn_instead, BTreeMap::from([("green".into(), 1)]));
         assert_eq!(scores.draw_colour_by_count[&1], (1, 2));
+    }
+
+    /// Two shapes side by side whose right one took the left one's colour
+    /// count as a miss under "left of" only.
+    #[test]
+    fn two_shape_colours_are_counted_by_how_the_shapes_sit() {
+        let shape = |colour, position| ShapeSpec {
+            shape: Shape::Square,
+            colour,
+            size: Size::Large,
+            position,
+        };
+        let scene = |second: Colour| Scene {
+            background: Background::White,
+            shapes: vec![
+                shape(Colour::Red, Position::TopLeft),
+                shape(second, Position::TopRight),
+            ],
+        };
+        let asked = scene(Colour::Blue);
+        let mut scores = TaskScores::default();
+        for drawn in [scene(Colour::Red), scene(Colour::Blue)] {
+            let img = drawn.render();
+            let verdict = check(&img, &asked);
+            tally_colours(&mut scores, &asked, &verdict, Some(&img));
+        }
+        let by_relation = &scores.draw_colour_by_relation;
+        assert_eq!(by_relation.len(), 1, "{by_relation:?}");
+        assert_eq!(by_relation["left of"], (1, 2));
+        assert_eq!(scores.draw_colour_by_count[&2], (1, 2));
+        assert!(scores.draw_pairs.is_empty());
     }
 
     #[test]
