@@ -1,5 +1,5 @@
 //! Integer expressions shared by the arithmetic and code domains: the AST,
-//! evaluation, printing with the fewest parentheses, and the random
+//! evaluation, printing that reads back as the same tree, and the random
 //! expressions the generators ask about.
 //!
 //! Generated expressions: 2 or 3 operands of at most two digits, one or two
@@ -109,14 +109,17 @@ impl Expr {
                 let wrap = |e: &Expr, right: bool| {
                     let text = e.print(spaced);
                     match e {
-                        // Parentheses only where they change the meaning:
-                        // a lower-precedence child, or a right child of `-`
-                        // with the same precedence ("a-(b+c)").
+                        // Parentheses wherever reading left to right would
+                        // build another tree: a lower-precedence child, or
+                        // a right child of the same precedence ("a-(b+c)",
+                        // and "a+(b+c)" too, though its value is a+b+c's:
+                        // printed bare, two trees shared one prompt and
+                        // their worked answers began with different sums,
+                        // and the session-15 model got 19% of "a+b+c"
+                        // prompts right against 90% of the rest).
                         Expr::Bin(child, ..)
                             if child.precedence() < op.precedence()
-                                || (right
-                                    && *op == Op::Sub
-                                    && child.precedence() == op.precedence()) =>
+                                || (right && child.precedence() == op.precedence()) =>
                         {
                             format!("({text})")
                         }
@@ -383,6 +386,27 @@ mod tests {
         assert_eq!(e.value().unwrap(), 35);
         let e = Expr::bin(Op::Add, Expr::bin(Op::Mul, n(4), n(5)), n(1));
         assert_eq!(e.spaced(), "4 * 5 + 1");
+        let left = Expr::bin(Op::Add, Expr::bin(Op::Add, n(11), n(12)), n(91));
+        let right = Expr::bin(Op::Add, n(11), Expr::bin(Op::Add, n(12), n(91)));
+        assert_eq!(left.compact(), "11+12+91");
+        assert_eq!(right.compact(), "11+(12+91)");
+        let e = Expr::bin(Op::Mul, n(2), Expr::bin(Op::Mul, n(3), n(4)));
+        assert_eq!(e.spaced(), "2 * (3 * 4)");
+    }
+
+    /// A prompt names one tree, so its worked answer is the only one the
+    /// model sees for it.
+    #[test]
+    fn printed_expressions_read_back_as_the_same_tree() {
+        use crate::train::data::code_lang::{parse, Stmt};
+        let mut rng = StdRng::seed_from_u64(6);
+        for _ in 0..2000 {
+            let e = random_expr(&mut rng);
+            for text in [e.compact(), e.spaced()] {
+                let stmts = parse(&format!("print {text}")).unwrap();
+                assert_eq!(stmts, vec![Stmt::Print(e.clone())], "{text}");
+            }
+        }
     }
 
     #[test]
