@@ -1,9 +1,11 @@
 //! Reads the attributes a caption states, leniently: words in any order
 //! around each shape word, extra words ignored. "right of" and "below" are
-//! turned around so the reading always states "left of" / "above".
+//! turned around so the reading always states "left of" / "above"; with a
+//! line that agrees ("at the top", "on the left") the pair's positions are
+//! read too.
 
 use super::checker::{ReadShape, SceneReading};
-use super::shapes::{Background, Colour, Position, Relation, Shape, Size};
+use super::shapes::{Background, Colour, Line, Position, Relation, Shape, Size};
 
 /// The attributes stated by a caption (or any text about a scene).
 pub fn read_caption(text: &str) -> SceneReading {
@@ -14,7 +16,7 @@ pub fn read_caption(text: &str) -> SceneReading {
         .collect();
     let mut reading = SceneReading::default();
     let (mut colour, mut size) = (None, None);
-    let mut reversed = false;
+    let (mut relation, mut line, mut reversed) = (None, None, false);
     let mut i = 0;
     while i < words.len() {
         let (word, next) = (words[i], words.get(i + 1).copied());
@@ -38,19 +40,39 @@ pub fn read_caption(text: &str) -> SceneReading {
             }
             consumed = if position == Position::Center { 1 } else { 2 };
         } else if matches!((word, next), ("left", Some("of")) | ("right", Some("of"))) {
-            reading.relation = Some(Relation::LeftOf);
+            relation = Some(Relation::LeftOf);
             reversed = word == "right";
             consumed = 2;
         } else if word == "above" || word == "below" {
-            reading.relation = Some(Relation::Above);
+            relation = Some(Relation::Above);
             reversed = word == "below";
+        } else if let Some(l) = line_word(word) {
+            line = Some(l);
         }
         i += consumed;
     }
-    if reversed && reading.shapes.len() == 2 {
-        reading.shapes.swap(0, 1);
+    if let ([first, second], true) = (reading.shapes.as_mut_slice(), reversed) {
+        std::mem::swap(first, second);
+    }
+    if let ([first, second], Some(line)) = (reading.shapes.as_mut_slice(), line) {
+        if relation == Some(line.relation()) {
+            (first.position, second.position) =
+                (Some(line.positions().0), Some(line.positions().1));
+        }
     }
     reading
+}
+
+/// "top", "bottom", "left" or "right" standing alone (position phrases
+/// and "left of" are read before this).
+fn line_word(word: &str) -> Option<Line> {
+    match word {
+        "top" => Some(Line::Top),
+        "bottom" => Some(Line::Bottom),
+        "left" => Some(Line::Left),
+        "right" => Some(Line::Right),
+        _ => None,
+    }
 }
 
 fn background_word(word: &str) -> Option<Background> {
@@ -114,23 +136,32 @@ mod tests {
             "{swapped}: {r:?}"
         );
         // Stating the relation the other way round with the shapes swapped is
-        // the same scene.
-        let rel = scene.relation().map(|r| r.name()).unwrap_or_default();
-        let flipped_rel = if rel == "left of" {
-            "right of"
-        } else {
-            "below"
+        // the same scene; without the line the positions are not stated.
+        let relation = scene.relation().unwrap();
+        let line = Line::of(relation, scene.shapes[0].position).name();
+        let turned_relation = match relation {
+            Relation::LeftOf => "right of",
+            Relation::Above => "below",
         };
-        let parts: Vec<&str> = caption
-            .trim_end_matches(" background")
-            .split(&format!(" {rel} "))
-            .collect();
-        let (first, rest) = (parts[0], parts[1]);
-        let (second, bg) = rest.split_once(" on a ").unwrap_or((rest, ""));
-        let turned = format!("{second} {flipped_rel} {first} on a {bg} background");
+        let (first, second) = (scene.shapes[0].words(), scene.shapes[1].words());
+        let bg = scene.background.name();
+        let turned = format!("a {second} {turned_relation} a {first} {line} on a {bg} background");
         assert!(compare(&read_caption(&turned), &scene).all_ok(), "{turned}");
+        let lineless = format!("a {second} {turned_relation} a {first} on a {bg} background");
+        let r = compare(&read_caption(&lineless), &scene);
+        assert!(
+            !r.position_ok && r.colour_ok && r.count_ok,
+            "{lineless}: {r:?}"
+        );
+        // A line that contradicts the relation states no positions.
+        let wrong_line = match relation {
+            Relation::LeftOf => "on the left",
+            Relation::Above => "at the top",
+        };
+        let contradiction = format!("a {first} {} a {second} {wrong_line}", relation.name());
+        assert!(!compare(&read_caption(&contradiction), &scene).position_ok);
         // Only one shape named: count fails.
-        let one = format!("{first} on a {bg} background");
+        let one = format!("a {first} on a {bg} background");
         let r = compare(&read_caption(&one), &scene);
         assert!(!r.count_ok && !r.position_ok, "{one}: {r:?}");
         assert!(!compare(&read_caption(""), &scene).colour_ok);

@@ -57,7 +57,6 @@ impl Detection {
                     position: Some(d.position),
                 })
                 .collect(),
-            relation: None,
         }
     }
 }
@@ -293,6 +292,7 @@ fn dist2(a: [f32; 3], b: [f32; 3]) -> f32 {
 mod tests {
     use super::*;
     use crate::train::data::degrade::{box_blur3, gaussian_noise};
+    use crate::train::data::shapes::Line;
     use crate::train::data::Split;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
@@ -393,5 +393,19 @@ mod tests {
             || scene.shapes[0].shape != scene.shapes[1].shape
             || scene.shapes[0].size != scene.shapes[1].size;
         assert_eq!(r.position_ok, !distinct, "{}: {r:?}", scene.caption());
+        // The pair in the same relation on the other row or column: the
+        // caption names the line, so the positions are wrong.
+        let relation = scene.relation().unwrap();
+        let other_line = match Line::of(relation, scene.shapes[0].position) {
+            Line::Top => Line::Bottom,
+            Line::Bottom => Line::Top,
+            Line::Left => Line::Right,
+            Line::Right => Line::Left,
+        };
+        let mut moved = scene.clone();
+        (moved.shapes[0].position, moved.shapes[1].position) = other_line.positions();
+        assert_eq!(moved.relation(), scene.relation());
+        let r = check(&moved.render(), &scene);
+        assert!(!r.position_ok && r.count_ok, "{}: {r:?}", scene.caption());
     }
 }

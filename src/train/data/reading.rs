@@ -4,11 +4,11 @@
 //! Read shapes are matched to expected ones by the assignment that agrees on
 //! the most attributes (exhaustive up to [`EXHAUSTIVE_MATCH_LIMIT`] expected
 //! shapes, greedy beyond); an attribute is right when every expected shape is
-//! matched and agrees. Two-shape positions are judged by their relation.
+//! matched and agrees; positions too, shape by shape.
 
 use serde::{Deserialize, Serialize};
 
-use super::shapes::{Background, Colour, Position, Relation, Scene, Shape, Size};
+use super::shapes::{Background, Colour, Position, Scene, Shape, Size};
 
 /// Most expected shapes matched by trying every assignment (generated scenes
 /// have at most two).
@@ -22,7 +22,8 @@ pub struct CheckResult {
     pub colour_ok: bool,
     pub shape_ok: bool,
     pub size_ok: bool,
-    /// One shape: its position; two shapes: their relation (left of, above).
+    /// Every shape at its position (a caption states a pair's positions
+    /// by its relation and line: "left of ... at the top").
     pub position_ok: bool,
     pub count_ok: bool,
     pub background_ok: bool,
@@ -53,9 +54,6 @@ pub struct ReadShape {
 pub struct SceneReading {
     pub background: Option<Background>,
     pub shapes: Vec<ReadShape>,
-    /// Stated relation of `shapes[0]` to `shapes[1]` (captions). When absent it
-    /// is derived from the two positions.
-    pub relation: Option<Relation>,
 }
 
 /// Compares a reading with the expected scene. Read shapes are matched to
@@ -156,23 +154,11 @@ fn score_assignment(
     score + 2 * position_agrees(reading, expected, assignment) as usize
 }
 
-/// Two shapes in a row or column: their relation (the caption names only
-/// that). Otherwise: every shape's position.
+/// Every expected shape matched and read at its position.
 fn position_agrees(reading: &SceneReading, expected: &Scene, assignment: &[Option<usize>]) -> bool {
     let want = &expected.shapes;
     if want.is_empty() || assignment.len() != want.len() {
         return false;
-    }
-    if let (Some(relation), [Some(a), Some(b)]) = (expected.relation(), assignment) {
-        let read = match reading.relation {
-            // A stated relation is about shapes[0] and shapes[1], in order.
-            Some(rel) => ((*a, *b) == (0, 1)).then_some(rel),
-            None => match (reading.shapes[*a].position, reading.shapes[*b].position) {
-                (Some(pa), Some(pb)) => Relation::between(pa, pb),
-                _ => None,
-            },
-        };
-        return read == Some(relation);
     }
     assignment
         .iter()
@@ -239,7 +225,6 @@ mod tests {
                     position: Some(s.position),
                 })
                 .collect(),
-            relation: None,
         }
     }
 

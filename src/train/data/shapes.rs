@@ -6,7 +6,8 @@
 //! - Shape colours are far apart in RGB and never equal a background colour.
 //! - Two-shape scenes use a pair of corner positions in one row or one
 //!   column (never the centre), first shape left of or above the second, so
-//!   the caption's relation is unambiguous and the shapes never touch.
+//!   the caption's relation and line ("left of ... at the top") name both
+//!   positions and the shapes never touch.
 //! - Training scenes never contain a pair from [`HELD_OUT_PAIRS`].
 
 use image::{Rgb, RgbImage};
@@ -81,6 +82,16 @@ named_enum!(
     Relation {
         LeftOf => "left of",
         Above => "above",
+    }
+);
+
+named_enum!(
+    /// The row or column a two-shape scene's pair sits in.
+    Line {
+        Top => "at the top",
+        Bottom => "at the bottom",
+        Left => "on the left",
+        Right => "on the right",
     }
 );
 
@@ -176,6 +187,39 @@ impl Relation {
     }
 }
 
+impl Line {
+    /// The line of a pair whose first shape sits at `first`.
+    pub fn of(relation: Relation, first: Position) -> Line {
+        let (col, row) = first.grid();
+        match relation {
+            Relation::LeftOf if row == 0 => Line::Top,
+            Relation::LeftOf => Line::Bottom,
+            Relation::Above if col == 0 => Line::Left,
+            Relation::Above => Line::Right,
+        }
+    }
+
+    /// How a pair on this line sits: side by side in a row, or one above
+    /// the other in a column.
+    pub fn relation(self) -> Relation {
+        match self {
+            Line::Top | Line::Bottom => Relation::LeftOf,
+            Line::Left | Line::Right => Relation::Above,
+        }
+    }
+
+    /// The (first, second) positions of a pair on this line.
+    pub fn positions(self) -> (Position, Position) {
+        use Position::*;
+        match self {
+            Line::Top => (TopLeft, TopRight),
+            Line::Bottom => (BottomLeft, BottomRight),
+            Line::Left => (TopLeft, BottomLeft),
+            Line::Right => (TopRight, BottomRight),
+        }
+    }
+}
+
 /// Position pairs of two-shape scenes: (first, second), first left or above.
 pub const PAIR_ARRANGEMENTS: [(Position, Position); 4] = [
     (Position::TopLeft, Position::TopRight),
@@ -216,7 +260,7 @@ impl ShapeSpec {
     }
 
     /// "small red circle"
-    fn words(&self) -> String {
+    pub fn words(&self) -> String {
         format!(
             "{} {} {}",
             self.size.name(),
@@ -279,13 +323,23 @@ impl Scene {
         }
     }
 
-    /// "a small red circle at the top left on a white background", or
-    /// "a large blue square left of a small green triangle on a gray background".
-    /// Two-shape captions name the relation, not the row or column.
+    /// "a small red circle at the top left on a white background", or "a
+    /// large blue square left of a small green triangle at the bottom on a
+    /// gray background". Two-shape captions name the row or column as well
+    /// as the relation: with the relation alone ("left of", top row or
+    /// bottom?) the model chose the row while drawing, and session 15's
+    /// model lost every two-shape colour it missed that way, drawing one
+    /// shape or the pair in a column with one shape's colour twice.
     pub fn caption(&self) -> String {
         let subject = match (self.shapes.as_slice(), self.relation()) {
             ([one], _) => format!("a {} at the {}", one.words(), one.position.name()),
-            ([a, b], Some(rel)) => format!("a {} {} a {}", a.words(), rel.name(), b.words()),
+            ([a, b], Some(rel)) => format!(
+                "a {} {} a {} {}",
+                a.words(),
+                rel.name(),
+                b.words(),
+                Line::of(rel, a.position).name()
+            ),
             // Not produced by the generators; described shape by shape.
             (shapes, _) => shapes
                 .iter()

@@ -150,7 +150,7 @@ fn captions_name_every_attribute() {
     };
     assert_eq!(
         two.caption(),
-        "a large blue square left of a small green triangle on a gray background"
+        "a large blue square left of a small green triangle at the bottom on a gray background"
     );
 }
 
@@ -179,7 +179,10 @@ fn two_shape_scenes_never_touch() {
         let img = scene.render();
         let bg = Rgb(scene.background.rgb());
         if let [a, b] = scene.shapes.as_slice() {
-            assert!(scene.relation().is_some());
+            let relation = scene.relation().expect("a two-shape scene has a relation");
+            let line = Line::of(relation, a.position);
+            assert_eq!(line.positions(), (a.position, b.position));
+            assert_eq!(line.relation(), relation);
             // No pixel of `a` has a 4-neighbour covered by `b`.
             for y in 0..IMAGE_SIZE {
                 for x in 0..IMAGE_SIZE {
