@@ -59,7 +59,7 @@ pub fn sample_any<R: Rng + ?Sized>(rng: &mut R, split: Split) -> TextExample {
     sample(rng, task, split)
 }
 
-/// "what is (12+7)*3?" -> "12+7 then *3: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=5 so 57"
+/// "what is (12+7)*3?" -> "12+7 then *3: 2+7=9, 1+0=1 so 19. 19*3: 9*3=27, 1*3+2=3+2=5 so 57"
 pub fn sample_arithmetic<R: Rng + ?Sized>(rng: &mut R, split: Split) -> TextExample {
     let (expr, value) = expression(rng, split);
     TextExample {
