@@ -56,8 +56,8 @@ pub fn read_caption(text: &str) -> SceneReading {
     }
     if let ([first, second], Some(line)) = (reading.shapes.as_mut_slice(), line) {
         if relation == Some(line.relation()) {
-            (first.position, second.position) =
-                (Some(line.positions().0), Some(line.positions().1));
+            let (a, b) = line.positions();
+            (first.position, second.position) = (Some(a), Some(b));
         }
     }
     reading
