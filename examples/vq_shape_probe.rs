@@ -20,7 +20,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use molora::model::vq::{VqConfig, VqModel};
 use molora::train::data::shapes::{
-    Background, Colour, Position, Shape, ShapeSpec, Size, IMAGE_SIZE, PAIR_ARRANGEMENTS,
+    Background, Colour, Line, Position, Shape, ShapeSpec, Size, IMAGE_SIZE,
 };
 use molora::train::data::Scene;
 
@@ -90,7 +90,7 @@ fn main() -> Result<()> {
         for &colour in Colour::ALL {
             for &shape in Shape::ALL {
                 for &size in Size::ALL {
-                    for &(at, other) in &PAIR_ARRANGEMENTS {
+                    for (at, other) in Line::ALL.iter().map(|l| l.positions()) {
                         let first = ShapeSpec {
                             shape,
                             colour,

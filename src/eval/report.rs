@@ -16,6 +16,7 @@ use super::tasks::{mixed_kind_name, TaskScores};
 use super::teacher::{AdapterVsBase, GateTally};
 use crate::routing::mode::RoutingMode;
 use crate::train::data::checker::AttributeTally;
+use crate::train::data::shapes::Relation;
 use crate::train::data::text_domains::MixedKind;
 use crate::train::data::Domain;
 
@@ -153,11 +154,12 @@ pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
             .unwrap_or((0, 0));
         rows.push(Row::rate(label, h, n, ""));
     }
-    for (relation, label) in [
-        ("left of", "image colour: two shapes side by side"),
-        ("above", "image colour: two shapes one above the other"),
-    ] {
-        let by_relation = t.draw_colour_by_relation.get(relation);
+    for &relation in Relation::ALL {
+        let label = match relation {
+            Relation::LeftOf => "image colour: two shapes side by side",
+            Relation::Above => "image colour: two shapes one above the other",
+        };
+        let by_relation = t.draw_colour_by_relation.get(relation.name());
         let (h, n) = by_relation.copied().unwrap_or((0, 0));
         rows.push(Row::rate(label, h, n, ""));
     }

@@ -220,14 +220,6 @@ impl Line {
     }
 }
 
-/// Position pairs of two-shape scenes: (first, second), first left or above.
-pub const PAIR_ARRANGEMENTS: [(Position, Position); 4] = [
-    (Position::TopLeft, Position::TopRight),
-    (Position::BottomLeft, Position::BottomRight),
-    (Position::TopLeft, Position::BottomLeft),
-    (Position::TopRight, Position::BottomRight),
-];
-
 /// Colour-shape pairs that never appear in training scenes: each shape and
 /// each of these colours still appears in training with other partners.
 pub const HELD_OUT_PAIRS: [(Colour, Shape); 4] = [
@@ -426,7 +418,7 @@ impl Scene {
         let positions: Vec<Position> = if rng.random_bool(0.5) {
             vec![pick(rng, Position::ALL)]
         } else {
-            let (a, b) = pick(rng, &PAIR_ARRANGEMENTS);
+            let (a, b) = pick(rng, Line::ALL).positions();
             vec![a, b]
         };
         // Held-out scenes: one chosen shape takes a held-out pair, the others
