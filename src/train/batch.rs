@@ -48,10 +48,29 @@ pub struct StageData {
     pub mixture: Mixture,
     /// Loss weight of prompt targets (answer targets weigh 1).
     pub prompt_weight: f32,
-    /// Domains whose targets weigh 0: skills this stage must not learn,
-    /// left to their own semantic adapter (`adapter_only_domains` of the
-    /// pipeline). They stay in the context the other targets attend to.
-    pub unlearned: Vec<Domain>,
+    pub unlearned: Unlearned,
+}
+
+/// Targets that weigh 0 in a stage: skills it must not learn, left to their
+/// own semantic adapter (`adapter_only_domains` and
+/// `adapter_only_multi_step` of the pipeline). They stay in the context the
+/// other targets attend to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Unlearned {
+    /// Every target of these domains.
+    pub domains: Vec<Domain>,
+    /// The targets of these domains' multi-step segments.
+    pub multi_step: Vec<Domain>,
+}
+
+impl Unlearned {
+    pub fn covers(&self, domain: Domain, multi_step: bool) -> bool {
+        self.domains.contains(&domain) || (multi_step && self.multi_step.contains(&domain))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.domains.is_empty() && self.multi_step.is_empty()
+    }
 }
 
 /// An encoded sequence ready for packing.
@@ -65,7 +84,7 @@ pub struct TrainSeq {
 }
 
 /// Per-row routing labels: see the module invariants.
-pub fn resolve_labels(domains: &[Option<Domain>]) -> Vec<Option<Domain>> {
+pub fn resolve_labels<L: Copy>(domains: &[Option<L>]) -> Vec<Option<L>> {
     let mut out = vec![None; domains.len()];
     let mut next = None;
     for i in (0..domains.len()).rev() {
@@ -87,14 +106,18 @@ pub fn resolve_labels(domains: &[Option<Domain>]) -> Vec<Option<Domain>> {
 
 impl TrainSeq {
     /// Loss on answer targets with weight 1, on prompt targets with
-    /// `prompt_weight`, and none on targets labelled with an `unlearned`
-    /// domain.
-    pub fn from_encoded(seq: EncodedSequence, prompt_weight: f32, unlearned: &[Domain]) -> Self {
+    /// `prompt_weight`, and none on `unlearned` targets (an unlabelled id
+    /// counts as the segment its label is resolved from).
+    pub fn from_encoded(seq: EncodedSequence, prompt_weight: f32, unlearned: &Unlearned) -> Self {
         let n = seq.ids.len();
-        let labels = resolve_labels(&seq.domains);
+        let units: Vec<Option<(Domain, bool)>> = (seq.domains.iter().zip(&seq.multi_step))
+            .map(|(domain, &multi_step)| domain.map(|d| (d, multi_step)))
+            .collect();
+        let units = resolve_labels(&units);
+        let labels = units.iter().map(|u| u.map(|(d, _)| d)).collect();
         let weights = (0..n)
             .map(|i| {
-                if i + 1 >= n || labels[i + 1].is_some_and(|d| unlearned.contains(&d)) {
+                if i + 1 >= n || units[i + 1].is_some_and(|(d, m)| unlearned.covers(d, m)) {
                     0.0
                 } else if i + 1 >= seq.answer_start {
                     1.0
@@ -344,7 +367,7 @@ mod tests {
                 Some(Arithmetic)
             ]
         );
-        assert_eq!(resolve_labels(&[None, None]), vec![None, None]);
+        assert_eq!(resolve_labels::<Domain>(&[None, None]), vec![None, None]);
     }
 
     #[test]
@@ -361,13 +384,51 @@ mod tests {
                 Some(Arithmetic),
                 Some(Arithmetic),
             ],
+            multi_step: vec![false; 6],
             answer_start: 3,
         };
-        let all = TrainSeq::from_encoded(seq.clone(), 0.5, &[]);
+        let all = TrainSeq::from_encoded(seq.clone(), 0.5, &Unlearned::default());
         assert_eq!(all.weights, vec![0.5, 0.5, 1.0, 1.0, 1.0, 0.0]);
-        let masked = TrainSeq::from_encoded(seq, 0.5, &[Arithmetic]);
+        let arithmetic = Unlearned {
+            domains: vec![Arithmetic],
+            multi_step: vec![],
+        };
+        let masked = TrainSeq::from_encoded(seq, 0.5, &arithmetic);
         assert_eq!(masked.weights, vec![0.5, 0.5, 1.0, 0.0, 0.0, 0.0]);
         assert_eq!(masked.ids, all.ids);
+        assert_eq!(masked.labels, all.labels);
+    }
+
+    #[test]
+    fn unlearned_multi_step_segments_weigh_nothing_one_step_ones_do() {
+        use Domain::*;
+        // answer: one-step arithmetic, two-step arithmetic, `</s>` (unlabelled:
+        // it counts as the two-step segment it ends)
+        let seq = EncodedSequence {
+            ids: vec![1, 2, 3, 4, 5, 6],
+            domains: vec![
+                None,
+                Some(Arithmetic),
+                Some(Arithmetic),
+                Some(Arithmetic),
+                Some(Arithmetic),
+                None,
+            ],
+            multi_step: vec![false, false, false, true, true, false],
+            answer_start: 1,
+        };
+        let multi_step = Unlearned {
+            domains: vec![],
+            multi_step: vec![Arithmetic],
+        };
+        let masked = TrainSeq::from_encoded(seq.clone(), 0.5, &multi_step);
+        assert_eq!(masked.weights, vec![1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        let code = Unlearned {
+            domains: vec![],
+            multi_step: vec![Code],
+        };
+        let all = TrainSeq::from_encoded(seq, 0.5, &code);
+        assert_eq!(all.weights, vec![1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
         assert_eq!(masked.labels, all.labels);
     }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Mixture, Source, StageData};
+use super::batch::{Mixture, Source, StageData, Unlearned};
 use super::data::text_domains::MixedKind;
 use super::data::{Domain, Task};
 pub use super::presets::{DecoderSize, PipelineConfig};
@@ -110,15 +110,20 @@ pub fn mixture_for(stage: &str) -> Mixture {
 /// its own semantic adapter alone (the gate still routes it): every other
 /// stage gives its targets no weight and drops the tasks made only of it.
 pub fn stage_data(cfg: &PipelineConfig, stage: &str) -> StageData {
-    let unlearned: Vec<Domain> = match stage {
-        "gate" => vec![],
-        _ => (cfg.adapter_only_domains.iter())
-            .copied()
-            .filter(|&d| expert_for(d) != stage)
-            .collect(),
+    let others = |domains: &[Domain]| -> Vec<Domain> {
+        match stage {
+            "gate" => vec![],
+            _ => (domains.iter().copied())
+                .filter(|&d| expert_for(d) != stage)
+                .collect(),
+        }
+    };
+    let unlearned = Unlearned {
+        domains: others(&cfg.adapter_only_domains),
+        multi_step: others(&cfg.adapter_only_multi_step),
     };
     let only_unlearned = |source: &Source| match source {
-        Source::Task(task) => task.sole_domain().is_some_and(|d| unlearned.contains(&d)),
+        Source::Task(task) => (task.sole_domain()).is_some_and(|d| unlearned.domains.contains(&d)),
         _ => false,
     };
     StageData {
@@ -226,7 +231,7 @@ mod tests {
         };
         for stage in ["base", "text", "image", "code", "caption"] {
             let data = super::stage_data(&cfg, stage);
-            assert_eq!(data.unlearned, vec![Domain::Arithmetic], "{stage}");
+            assert_eq!(data.unlearned.domains, vec![Domain::Arithmetic], "{stage}");
             assert!(!arithmetic_items(&cfg, stage), "{stage}");
         }
         for stage in ["math", "gate"] {
@@ -242,5 +247,35 @@ mod tests {
         assert!(base.unlearned.is_empty() && arithmetic_items(&cfg, "base"));
         assert_eq!(base.mixture, super::mixture_for("base"));
         assert_eq!(base.prompt_weight, cfg.base_prompt_weight);
+    }
+
+    #[test]
+    fn adapter_only_multi_step_answers_are_learned_by_their_adapter_alone() {
+        use crate::train::batch::Source;
+        use crate::train::data::{Domain, Task};
+        let mut cfg = PipelineConfig::tiny();
+        cfg.adapter_only_domains.clear();
+        cfg.adapter_only_multi_step = vec![Domain::Arithmetic];
+        for stage in ["base", "text", "image", "code", "caption"] {
+            let data = super::stage_data(&cfg, stage);
+            assert!(data.unlearned.domains.is_empty(), "{stage}");
+            assert_eq!(
+                data.unlearned.multi_step,
+                vec![Domain::Arithmetic],
+                "{stage}"
+            );
+            // One-step sums stay: only their multi-step answers weigh 0.
+            assert_eq!(data.mixture, super::mixture_for(stage), "{stage}");
+        }
+        for stage in ["math", "gate"] {
+            assert!(
+                super::stage_data(&cfg, stage).unlearned.is_empty(),
+                "{stage}"
+            );
+        }
+        let math = super::stage_data(&cfg, "math");
+        assert!(math
+            .mixture
+            .contains(&(4.0, Source::Task(Task::Arithmetic))));
     }
 }

@@ -84,6 +84,11 @@ pub struct PipelineConfig {
     /// LoRA, which a per-sequence server cannot combine with another.
     #[serde(default)]
     pub adapter_only_domains: Vec<Domain>,
+    /// Text domains whose multi-step answers (worked sums of two
+    /// operations) only their semantic adapter learns: the base keeps the
+    /// one-step skill, the adapter alone chains steps.
+    #[serde(default)]
+    pub adapter_only_multi_step: Vec<Domain>,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub gate_hidden: usize,
@@ -160,6 +165,7 @@ impl PipelineConfig {
             // the gate then sent 30% of the program tokens to another expert
             // (session 13; README, "Skills that live in one adapter").
             adapter_only_domains: vec![],
+            adapter_only_multi_step: vec![],
             lora_rank: 16,
             lora_alpha: 32.0,
             gate_hidden: 64,
@@ -218,6 +224,7 @@ impl PipelineConfig {
             adapter_steps: BTreeMap::new(),
             adapter_learning_rates: BTreeMap::new(),
             adapter_only_domains: vec![Domain::Arithmetic],
+            adapter_only_multi_step: vec![],
             lora_rank: 4,
             lora_alpha: 8.0,
             gate_hidden: 8,
@@ -287,6 +294,9 @@ impl PipelineConfig {
         }
         if self.adapter_only_domains.contains(&Domain::Image) {
             bail!("adapter_only_domains names image: only text domains have a semantic adapter");
+        }
+        if self.adapter_only_multi_step.contains(&Domain::Image) {
+            bail!("adapter_only_multi_step names image: only text domains have a semantic adapter");
         }
         use crate::train::vq_train::{COLOUR_CLASSES, SHAPE_CLASSES};
         let on = |weight: f64, classes: usize| if weight > 0.0 { classes } else { 0 };

@@ -62,6 +62,16 @@ impl Expr {
         Expr::Bin(op, Box::new(a), Box::new(b))
     }
 
+    /// Binary operations in the expression (a worked answer takes one step
+    /// per operation).
+    pub fn operations(&self) -> usize {
+        match self {
+            Expr::Num(_) | Expr::Var(_) => 0,
+            Expr::Neg(e) => e.operations(),
+            Expr::Bin(_, a, b) => 1 + a.operations() + b.operations(),
+        }
+    }
+
     /// Evaluates with variables from `env`; overflow and unknown names are errors.
     pub fn eval(&self, env: &HashMap<String, i64>) -> Result<i64> {
         match self {

@@ -25,6 +25,8 @@ pub struct EncodedSequence {
     pub ids: Vec<u32>,
     /// One label per id.
     pub domains: Vec<Option<Domain>>,
+    /// Per id: it belongs to a multi-step text segment (see [`Segment`]).
+    pub multi_step: Vec<bool>,
     /// Index of the first answer id (0 for plain sequences).
     pub answer_start: usize,
 }
@@ -103,7 +105,16 @@ impl<'a> Encoder<'a> {
         image_codes: &mut dyn FnMut(&Scene) -> Result<Vec<u32>>,
     ) -> Result<()> {
         match segment {
-            Segment::Text { domain, text } => self.push_text(seq, Some(*domain), text),
+            Segment::Text {
+                domain,
+                text,
+                multi_step,
+            } => {
+                let start = seq.len();
+                self.push_text(seq, Some(*domain), text)?;
+                seq.multi_step[start..].fill(*multi_step);
+                Ok(())
+            }
             Segment::Image(scene) => self.push_image(seq, &image_codes(scene)?),
         }
     }
@@ -119,8 +130,9 @@ impl<'a> Encoder<'a> {
             .encode(text, false)
             .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
         seq.ids.extend_from_slice(enc.get_ids());
-        seq.domains
-            .extend(std::iter::repeat_n(domain, enc.get_ids().len()));
+        let n = enc.get_ids().len();
+        seq.domains.extend(std::iter::repeat_n(domain, n));
+        seq.multi_step.extend(std::iter::repeat_n(false, n));
         Ok(())
     }
 
@@ -136,6 +148,7 @@ impl<'a> Encoder<'a> {
             })?;
             seq.ids.push(id);
             seq.domains.push(Some(Domain::Image));
+            seq.multi_step.push(false);
         }
         self.push_special(seq, self.layout.eoi);
         Ok(())
@@ -144,6 +157,7 @@ impl<'a> Encoder<'a> {
     fn push_special(&self, seq: &mut EncodedSequence, id: u32) {
         seq.ids.push(id);
         seq.domains.push(None);
+        seq.multi_step.push(false);
     }
 
     /// Cuts generated ids into text and image runs: image codes (with or
@@ -260,6 +274,33 @@ mod tests {
             .filter(|d| **d == Some(Domain::Image))
             .count();
         assert_eq!(image_labels, 16);
+    }
+
+    #[test]
+    fn multi_step_marks_cover_exactly_the_answers_of_two_operations() {
+        use crate::train::data::text_domains::sample_arithmetic;
+        let (tok, layout) = build_default_tokenizer(600, 64).unwrap();
+        let enc = Encoder::new(&tok, &layout);
+        let mut rng = StdRng::seed_from_u64(33);
+        let mut seen = [false; 2];
+        for _ in 0..40 {
+            let ex = sample_arithmetic(&mut rng, Split::Train);
+            let Segment::Text {
+                text, multi_step, ..
+            } = &ex.answer[0].segment
+            else {
+                panic!("an arithmetic answer is text")
+            };
+            // A two-operation answer plans its steps ("12+7 then *3: ...").
+            assert_eq!(*multi_step, text.contains(" then "), "{text}");
+            seen[*multi_step as usize] = true;
+            let seq = enc.encode_example(&ex, &mut fake_codes).unwrap();
+            assert_eq!(seq.multi_step.len(), seq.ids.len());
+            let answer = seq.answer_start..seq.len() - 1;
+            assert!(seq.multi_step[answer].iter().all(|&m| m == *multi_step));
+            assert!(!seq.multi_step[..seq.answer_start].iter().any(|&m| m));
+        }
+        assert_eq!(seen, [true, true], "40 sums have both kinds");
     }
 
     #[test]

@@ -109,7 +109,15 @@ impl Task {
 /// One piece of a sequence: labelled text, or a picture kept as its scene.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Segment {
-    Text { domain: Domain, text: String },
+    Text {
+        domain: Domain,
+        text: String,
+        /// A worked answer that chains two or more steps (an expression of
+        /// two operations): the part of a domain a recipe can leave to its
+        /// semantic adapter alone (`adapter_only_multi_step`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        multi_step: bool,
+    },
     Image(Scene),
 }
 
@@ -118,7 +126,17 @@ impl Segment {
         Segment::Text {
             domain,
             text: text.into(),
+            multi_step: false,
         }
+    }
+
+    /// This text segment marked multi-step when `chained` (images stay as
+    /// they are).
+    pub fn multi_step_if(mut self, chained: bool) -> Self {
+        if let Segment::Text { multi_step, .. } = &mut self {
+            *multi_step = chained;
+        }
+        self
     }
 
     /// The domain of this segment's tokens (image codes are [`Domain::Image`]).

@@ -293,7 +293,8 @@ fn program(expr: &Expr, value: i64) -> AnswerPart {
 /// The worked answer in digit columns ("12+7 then *3: 2+7=9, 1+0=1 so 19. ..."), judged by its last number.
 fn worked(expr: &Expr, value: i64) -> AnswerPart {
     AnswerPart {
-        segment: Segment::text(Domain::Arithmetic, worked_text(expr, value)),
+        segment: Segment::text(Domain::Arithmetic, worked_text(expr, value))
+            .multi_step_if(expr.operations() > 1),
         check: Check::FinalValue(value),
     }
 }
@@ -304,7 +305,8 @@ fn result(expr: &Expr, value: i64) -> AnswerPart {
         segment: Segment::text(
             Domain::Arithmetic,
             format!("{PART_SEPARATOR}result {}", worked_text(expr, value)),
-        ),
+        )
+        .multi_step_if(expr.operations() > 1),
         check: Check::FinalValue(value),
     }
 }
