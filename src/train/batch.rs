@@ -59,7 +59,8 @@ pub struct StageData {
 pub struct Unlearned {
     /// Every target of these domains.
     pub domains: Vec<Domain>,
-    /// The targets of these domains' multi-step segments.
+    /// The targets of these domains' chaining text (the tokens that link
+    /// one step of a multi-step answer to the next).
     pub multi_step: Vec<Domain>,
 }
 

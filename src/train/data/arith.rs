@@ -8,6 +8,7 @@
 //! model to learn exactly).
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use anyhow::{anyhow, bail, Result};
 use rand::Rng;
@@ -161,19 +162,38 @@ impl Expr {
     /// often got wrong ("(75+23)-33" went on with "98*3"). Two-operation
     /// exact match went from 53% to 63% with it (README, "Quality").
     pub fn worked(&self) -> Result<String> {
+        Ok(self.worked_with_chaining()?.0)
+    }
+
+    /// [`Expr::worked`] with the byte ranges that chain one step to the
+    /// next: " then *3" in the first step's head and ". 19*3: " before the
+    /// second step. What is left (the heads' first operands, the digit
+    /// columns) is the one-step skill; one-operation answers have no range.
+    pub fn worked_with_chaining(&self) -> Result<(String, Vec<Range<usize>>)> {
         let mut steps = Vec::new();
         let value = self.work(&mut steps)?;
         if steps.is_empty() {
-            return Ok(value.to_string());
+            return Ok((value.to_string(), Vec::new()));
         }
-        if let (Some(rest), Some((head, _))) = (self.outer_rest(), steps.first_mut()) {
-            *head = format!("{head} then {rest}");
+        let mut text = String::new();
+        let mut chaining = Vec::new();
+        for (i, (head, work)) in steps.iter().enumerate() {
+            let start = text.len();
+            if i == 0 {
+                text.push_str(head);
+                if let Some(rest) = self.outer_rest() {
+                    let start = text.len();
+                    text.push_str(&format!(" then {rest}"));
+                    chaining.push(start..text.len());
+                }
+                text.push_str(": ");
+            } else {
+                text.push_str(&format!(". {head}: "));
+                chaining.push(start..text.len());
+            }
+            text.push_str(work);
         }
-        let steps: Vec<String> = steps
-            .iter()
-            .map(|(head, work)| format!("{head}: {work}"))
-            .collect();
-        Ok(steps.join(". "))
+        Ok((text, chaining))
     }
 
     /// What the outermost operation does to a nested result: "*3" for
@@ -436,6 +456,11 @@ mod tests {
             "7*3 then 12+: 7*3=21 so 21. 12+21: 2+1=3, 1+2=3 so 33"
         );
         assert_eq!(n(5).worked().unwrap(), "5");
+        let (text, chaining) = e.worked_with_chaining().unwrap();
+        let chained: Vec<&str> = chaining.iter().map(|r| &text[r.clone()]).collect();
+        assert_eq!(chained, [" then 12+", ". 12+21: "]);
+        let one_step = Expr::bin(Op::Add, n(12), n(7)).worked_with_chaining();
+        assert!(one_step.unwrap().1.is_empty());
         let mut rng = StdRng::seed_from_u64(4);
         for _ in 0..500 {
             let e = random_expr(&mut rng);

@@ -11,6 +11,8 @@
 //! their segment's domain, image codes [`Domain::Image`], specials and the
 //! separator `None` (no routing target).
 
+use std::ops::Range;
+
 use anyhow::{anyhow, bail, Result};
 use tokenizers::Tokenizer;
 
@@ -25,7 +27,8 @@ pub struct EncodedSequence {
     pub ids: Vec<u32>,
     /// One label per id.
     pub domains: Vec<Option<Domain>>,
-    /// Per id: it belongs to a multi-step text segment (see [`Segment`]).
+    /// Per id: it overlaps a segment's chaining range, the text that links
+    /// one step of a multi-step answer to the next (see [`Segment`]).
     pub multi_step: Vec<bool>,
     /// Index of the first answer id (0 for plain sequences).
     pub answer_start: usize,
@@ -108,13 +111,8 @@ impl<'a> Encoder<'a> {
             Segment::Text {
                 domain,
                 text,
-                multi_step,
-            } => {
-                let start = seq.len();
-                self.push_text(seq, Some(*domain), text)?;
-                seq.multi_step[start..].fill(*multi_step);
-                Ok(())
-            }
+                chaining,
+            } => self.push_marked_text(seq, Some(*domain), text, chaining),
             Segment::Image(scene) => self.push_image(seq, &image_codes(scene)?),
         }
     }
@@ -125,6 +123,18 @@ impl<'a> Encoder<'a> {
         domain: Option<Domain>,
         text: &str,
     ) -> Result<()> {
+        self.push_marked_text(seq, domain, text, &[])
+    }
+
+    /// `text`'s tokens, those overlapping a `chaining` byte range marked
+    /// multi-step.
+    fn push_marked_text(
+        &self,
+        seq: &mut EncodedSequence,
+        domain: Option<Domain>,
+        text: &str,
+        chaining: &[Range<usize>],
+    ) -> Result<()> {
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -132,7 +142,11 @@ impl<'a> Encoder<'a> {
         seq.ids.extend_from_slice(enc.get_ids());
         let n = enc.get_ids().len();
         seq.domains.extend(std::iter::repeat_n(domain, n));
-        seq.multi_step.extend(std::iter::repeat_n(false, n));
+        let overlaps = |&(start, end): &(usize, usize)| {
+            chaining.iter().any(|r| start < r.end && r.start < end)
+        };
+        seq.multi_step
+            .extend(enc.get_offsets().iter().map(overlaps));
         Ok(())
     }
 
@@ -277,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn multi_step_marks_cover_exactly_the_answers_of_two_operations() {
+    fn multi_step_marks_cover_the_chaining_text_of_two_operation_answers() {
         use crate::train::data::text_domains::sample_arithmetic;
         let (tok, layout) = build_default_tokenizer(600, 64).unwrap();
         let enc = Encoder::new(&tok, &layout);
@@ -285,20 +299,32 @@ mod tests {
         let mut seen = [false; 2];
         for _ in 0..40 {
             let ex = sample_arithmetic(&mut rng, Split::Train);
-            let Segment::Text {
-                text, multi_step, ..
-            } = &ex.answer[0].segment
-            else {
+            let Segment::Text { text, .. } = &ex.answer[0].segment else {
                 panic!("an arithmetic answer is text")
             };
-            // A two-operation answer plans its steps ("12+7 then *3: ...").
-            assert_eq!(*multi_step, text.contains(" then "), "{text}");
-            seen[*multi_step as usize] = true;
             let seq = enc.encode_example(&ex, &mut fake_codes).unwrap();
             assert_eq!(seq.multi_step.len(), seq.ids.len());
-            let answer = seq.answer_start..seq.len() - 1;
-            assert!(seq.multi_step[answer].iter().all(|&m| m == *multi_step));
             assert!(!seq.multi_step[..seq.answer_start].iter().any(|&m| m));
+            let answer = seq.answer_start..seq.len() - 1;
+            let text_of = |marked: bool| {
+                let ids: Vec<u32> = (answer.clone())
+                    .filter(|&i| seq.multi_step[i] == marked)
+                    .map(|i| seq.ids[i])
+                    .collect();
+                tok.decode(&ids, false).unwrap()
+            };
+            let (marked, unmarked) = (text_of(true), text_of(false));
+            // A two-operation answer chains its steps ("12+7 then *3: ...
+            // so 19. 19*3: ..."); the chaining is marked, the columns not.
+            let two_steps = text.contains(" then ");
+            seen[two_steps as usize] = true;
+            assert_eq!(marked.contains("then"), two_steps, "{text}: {marked:?}");
+            assert!(!unmarked.contains("then"), "{text}: {unmarked:?}");
+            assert_eq!(
+                unmarked.matches('=').count(),
+                text.matches('=').count(),
+                "{text}"
+            );
         }
         assert_eq!(seen, [true, true], "40 sums have both kinds");
     }

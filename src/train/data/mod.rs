@@ -25,6 +25,8 @@ pub mod scoring;
 pub mod shapes;
 pub mod text_domains;
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 pub use shapes::Scene;
@@ -112,11 +114,12 @@ pub enum Segment {
     Text {
         domain: Domain,
         text: String,
-        /// A worked answer that chains two or more steps (an expression of
-        /// two operations): the part of a domain a recipe can leave to its
+        /// Byte ranges of `text` that chain one step of a multi-step answer
+        /// to the next (" then *3", ". 19*3: " in a worked sum of two
+        /// operations): the part of a domain a recipe can leave to its
         /// semantic adapter alone (`adapter_only_multi_step`).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        multi_step: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        chaining: Vec<Range<usize>>,
     },
     Image(Scene),
 }
@@ -126,15 +129,15 @@ impl Segment {
         Segment::Text {
             domain,
             text: text.into(),
-            multi_step: false,
+            chaining: Vec::new(),
         }
     }
 
-    /// This text segment marked multi-step when `chained` (images stay as
-    /// they are).
-    pub fn multi_step_if(mut self, chained: bool) -> Self {
-        if let Segment::Text { multi_step, .. } = &mut self {
-            *multi_step = chained;
+    /// This text segment with `ranges` of it marked as chaining steps
+    /// (images stay as they are).
+    pub fn with_chaining(mut self, ranges: Vec<Range<usize>>) -> Self {
+        if let Segment::Text { chaining, .. } = &mut self {
+            *chaining = ranges;
         }
         self
     }

@@ -293,8 +293,7 @@ fn program(expr: &Expr, value: i64) -> AnswerPart {
 /// The worked answer in digit columns ("12+7 then *3: 2+7=9, 1+0=1 so 19. ..."), judged by its last number.
 fn worked(expr: &Expr, value: i64) -> AnswerPart {
     AnswerPart {
-        segment: Segment::text(Domain::Arithmetic, worked_text(expr, value))
-            .multi_step_if(expr.operations() > 1),
+        segment: worked_segment(expr, value, ""),
         check: Check::FinalValue(value),
     }
 }
@@ -302,18 +301,20 @@ fn worked(expr: &Expr, value: i64) -> AnswerPart {
 /// " ; result 17*3=51": the arithmetic part that follows a text part.
 fn result(expr: &Expr, value: i64) -> AnswerPart {
     AnswerPart {
-        segment: Segment::text(
-            Domain::Arithmetic,
-            format!("{PART_SEPARATOR}result {}", worked_text(expr, value)),
-        )
-        .multi_step_if(expr.operations() > 1),
+        segment: worked_segment(expr, value, &format!("{PART_SEPARATOR}result ")),
         check: Check::FinalValue(value),
     }
 }
 
-fn worked_text(expr: &Expr, value: i64) -> String {
+/// `lead` then the worked answer, its chaining ranges marked.
+fn worked_segment(expr: &Expr, value: i64, lead: &str) -> Segment {
     // Generated expressions evaluate (`expression` checked), so this holds.
-    expr.worked().unwrap_or_else(|_| value.to_string())
+    let (worked, chaining) = expr
+        .worked_with_chaining()
+        .unwrap_or_else(|_| (value.to_string(), Vec::new()));
+    let shift = |r: std::ops::Range<usize>| r.start + lead.len()..r.end + lead.len();
+    Segment::text(Domain::Arithmetic, format!("{lead}{worked}"))
+        .with_chaining(chaining.into_iter().map(shift).collect())
 }
 
 fn caption(scene: &Scene) -> AnswerPart {
