@@ -401,10 +401,10 @@ mod tests {
     }
 
     #[test]
-    fn unlearned_multi_step_segments_weigh_nothing_one_step_ones_do() {
+    fn unlearned_chaining_tokens_weigh_nothing_the_others_do() {
         use Domain::*;
-        // answer: one-step arithmetic, two-step arithmetic, `</s>` (unlabelled:
-        // it counts as the two-step segment it ends)
+        // answer: two column tokens, two chaining tokens, `</s>` (unlabelled:
+        // it counts as the chaining token before it)
         let seq = EncodedSequence {
             ids: vec![1, 2, 3, 4, 5, 6],
             domains: vec![

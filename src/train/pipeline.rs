@@ -250,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn adapter_only_multi_step_answers_are_learned_by_their_adapter_alone() {
+    fn adapter_only_multi_step_chaining_is_learned_by_its_adapter_alone() {
         use crate::train::batch::Source;
         use crate::train::data::{Domain, Task};
         let mut cfg = PipelineConfig::tiny();
@@ -264,7 +264,7 @@ mod tests {
                 vec![Domain::Arithmetic],
                 "{stage}"
             );
-            // One-step sums stay: only their multi-step answers weigh 0.
+            // Every sum stays: only the chaining of multi-step answers weighs 0.
             assert_eq!(data.mixture, super::mixture_for(stage), "{stage}");
         }
         for stage in ["math", "gate"] {
