@@ -61,16 +61,16 @@ pub struct Unlearned {
     pub domains: Vec<Domain>,
     /// The targets of these domains' chaining text (the tokens that link
     /// one step of a multi-step answer to the next).
-    pub multi_step: Vec<Domain>,
+    pub chaining: Vec<Domain>,
 }
 
 impl Unlearned {
-    pub fn covers(&self, domain: Domain, multi_step: bool) -> bool {
-        self.domains.contains(&domain) || (multi_step && self.multi_step.contains(&domain))
+    pub fn covers(&self, domain: Domain, chaining: bool) -> bool {
+        self.domains.contains(&domain) || (chaining && self.chaining.contains(&domain))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.domains.is_empty() && self.multi_step.is_empty()
+        self.domains.is_empty() && self.chaining.is_empty()
     }
 }
 
@@ -111,8 +111,8 @@ impl TrainSeq {
     /// counts as the segment its label is resolved from).
     pub fn from_encoded(seq: EncodedSequence, prompt_weight: f32, unlearned: &Unlearned) -> Self {
         let n = seq.ids.len();
-        let units: Vec<Option<(Domain, bool)>> = (seq.domains.iter().zip(&seq.multi_step))
-            .map(|(domain, &multi_step)| domain.map(|d| (d, multi_step)))
+        let units: Vec<Option<(Domain, bool)>> = (seq.domains.iter().zip(&seq.chaining))
+            .map(|(domain, &chaining)| domain.map(|d| (d, chaining)))
             .collect();
         let units = resolve_labels(&units);
         let labels = units.iter().map(|u| u.map(|(d, _)| d)).collect();
@@ -385,14 +385,14 @@ mod tests {
                 Some(Arithmetic),
                 Some(Arithmetic),
             ],
-            multi_step: vec![false; 6],
+            chaining: vec![false; 6],
             answer_start: 3,
         };
         let all = TrainSeq::from_encoded(seq.clone(), 0.5, &Unlearned::default());
         assert_eq!(all.weights, vec![0.5, 0.5, 1.0, 1.0, 1.0, 0.0]);
         let arithmetic = Unlearned {
             domains: vec![Arithmetic],
-            multi_step: vec![],
+            chaining: vec![],
         };
         let masked = TrainSeq::from_encoded(seq, 0.5, &arithmetic);
         assert_eq!(masked.weights, vec![0.5, 0.5, 1.0, 0.0, 0.0, 0.0]);
@@ -415,18 +415,18 @@ mod tests {
                 Some(Arithmetic),
                 None,
             ],
-            multi_step: vec![false, false, false, true, true, false],
+            chaining: vec![false, false, false, true, true, false],
             answer_start: 1,
         };
-        let multi_step = Unlearned {
+        let chaining = Unlearned {
             domains: vec![],
-            multi_step: vec![Arithmetic],
+            chaining: vec![Arithmetic],
         };
-        let masked = TrainSeq::from_encoded(seq.clone(), 0.5, &multi_step);
+        let masked = TrainSeq::from_encoded(seq.clone(), 0.5, &chaining);
         assert_eq!(masked.weights, vec![1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
         let code = Unlearned {
             domains: vec![],
-            multi_step: vec![Code],
+            chaining: vec![Code],
         };
         let all = TrainSeq::from_encoded(seq, 0.5, &code);
         assert_eq!(all.weights, vec![1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);

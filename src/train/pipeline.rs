@@ -120,7 +120,7 @@ pub fn stage_data(cfg: &PipelineConfig, stage: &str) -> StageData {
     };
     let unlearned = Unlearned {
         domains: others(&cfg.adapter_only_domains),
-        multi_step: others(&cfg.adapter_only_multi_step),
+        chaining: others(&cfg.adapter_only_multi_step),
     };
     let only_unlearned = |source: &Source| match source {
         Source::Task(task) => (task.sole_domain()).is_some_and(|d| unlearned.domains.contains(&d)),
@@ -259,11 +259,7 @@ mod tests {
         for stage in ["base", "text", "image", "code", "caption"] {
             let data = super::stage_data(&cfg, stage);
             assert!(data.unlearned.domains.is_empty(), "{stage}");
-            assert_eq!(
-                data.unlearned.multi_step,
-                vec![Domain::Arithmetic],
-                "{stage}"
-            );
+            assert_eq!(data.unlearned.chaining, vec![Domain::Arithmetic], "{stage}");
             // Every sum stays: only the chaining of multi-step answers weighs 0.
             assert_eq!(data.mixture, super::mixture_for(stage), "{stage}");
         }

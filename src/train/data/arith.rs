@@ -63,16 +63,6 @@ impl Expr {
         Expr::Bin(op, Box::new(a), Box::new(b))
     }
 
-    /// Binary operations in the expression (a worked answer takes one step
-    /// per operation).
-    pub fn operations(&self) -> usize {
-        match self {
-            Expr::Num(_) | Expr::Var(_) => 0,
-            Expr::Neg(e) => e.operations(),
-            Expr::Bin(_, a, b) => 1 + a.operations() + b.operations(),
-        }
-    }
-
     /// Evaluates with variables from `env`; overflow and unknown names are errors.
     pub fn eval(&self, env: &HashMap<String, i64>) -> Result<i64> {
         match self {
@@ -178,7 +168,6 @@ impl Expr {
         let mut text = String::new();
         let mut chaining = Vec::new();
         for (i, (head, work)) in steps.iter().enumerate() {
-            let start = text.len();
             if i == 0 {
                 text.push_str(head);
                 if let Some(rest) = self.outer_rest() {
@@ -188,6 +177,7 @@ impl Expr {
                 }
                 text.push_str(": ");
             } else {
+                let start = text.len();
                 text.push_str(&format!(". {head}: "));
                 chaining.push(start..text.len());
             }

@@ -29,7 +29,7 @@ pub struct EncodedSequence {
     pub domains: Vec<Option<Domain>>,
     /// Per id: it overlaps a segment's chaining range, the text that links
     /// one step of a multi-step answer to the next (see [`Segment`]).
-    pub multi_step: Vec<bool>,
+    pub chaining: Vec<bool>,
     /// Index of the first answer id (0 for plain sequences).
     pub answer_start: usize,
 }
@@ -145,8 +145,7 @@ impl<'a> Encoder<'a> {
         let overlaps = |&(start, end): &(usize, usize)| {
             chaining.iter().any(|r| start < r.end && r.start < end)
         };
-        seq.multi_step
-            .extend(enc.get_offsets().iter().map(overlaps));
+        seq.chaining.extend(enc.get_offsets().iter().map(overlaps));
         Ok(())
     }
 
@@ -162,7 +161,7 @@ impl<'a> Encoder<'a> {
             })?;
             seq.ids.push(id);
             seq.domains.push(Some(Domain::Image));
-            seq.multi_step.push(false);
+            seq.chaining.push(false);
         }
         self.push_special(seq, self.layout.eoi);
         Ok(())
@@ -171,7 +170,7 @@ impl<'a> Encoder<'a> {
     fn push_special(&self, seq: &mut EncodedSequence, id: u32) {
         seq.ids.push(id);
         seq.domains.push(None);
-        seq.multi_step.push(false);
+        seq.chaining.push(false);
     }
 
     /// Cuts generated ids into text and image runs: image codes (with or
@@ -303,12 +302,12 @@ mod tests {
                 panic!("an arithmetic answer is text")
             };
             let seq = enc.encode_example(&ex, &mut fake_codes).unwrap();
-            assert_eq!(seq.multi_step.len(), seq.ids.len());
-            assert!(!seq.multi_step[..seq.answer_start].iter().any(|&m| m));
+            assert_eq!(seq.chaining.len(), seq.ids.len());
+            assert!(!seq.chaining[..seq.answer_start].iter().any(|&m| m));
             let answer = seq.answer_start..seq.len() - 1;
             let text_of = |marked: bool| {
                 let ids: Vec<u32> = (answer.clone())
-                    .filter(|&i| seq.multi_step[i] == marked)
+                    .filter(|&i| seq.chaining[i] == marked)
                     .map(|i| seq.ids[i])
                     .collect();
                 tok.decode(&ids, false).unwrap()
