@@ -15,7 +15,7 @@ use molora::engine::images::VQ_WEIGHTS_FILE;
 use molora::eval::image_checks::{checker_on_ground_truth, held_out_scenes};
 use molora::eval::model::EvalModel;
 use molora::eval::report::mode_rows;
-use molora::eval::teacher::{gate_accuracy, held_out_sequences};
+use molora::eval::teacher::{adapters_vs_base, gate_accuracy, held_out_sequences};
 use molora::eval::{generation, run, EvalArgs};
 use molora::model::config::Config;
 use molora::model::vq::{VqConfig, VqModel};
@@ -179,6 +179,38 @@ fn report_measures_gate_only_where_it_runs_and_every_adapter() {
     let vq = report.vq.as_ref().unwrap();
     assert_eq!(vq.images, 8);
     assert!(vq.psnr_db > 0.0 && vq.psnr_db < 100.0);
+}
+
+#[test]
+fn a_recipe_beside_the_model_keeps_an_adapter_from_being_judged_on_skills_it_never_learned() {
+    use molora::train::pipeline::PipelineConfig;
+    use molora::train::stages::RECIPE_FILE;
+    let dir = tiny_model_with_vq("recipe");
+    let tokens = |dir: &Path| {
+        let mut model = EvalModel::load(dir).unwrap();
+        let seqs = held_out_sequences(&model, 16, 0).unwrap();
+        let adapters = model.adapters.clone();
+        let rows = adapters_vs_base(&mut model.runner, &adapters, &seqs).unwrap();
+        let count = |name: &str| rows.iter().find(|r| r.adapter == name).unwrap().tokens;
+        (count("text"), count("math"), count("caption"))
+    };
+    let (text, math, caption) = tokens(&dir);
+    // The chaining of two-operation sums is left to the math LoRA: the text
+    // LoRA is judged without those tokens, the math LoRA with them.
+    let mut cfg = PipelineConfig::tiny();
+    cfg.adapter_only_domains.clear();
+    cfg.adapter_only_skills = vec![Domain::Arithmetic];
+    std::fs::write(
+        dir.join(RECIPE_FILE),
+        serde_json::to_string(&(0u64, &cfg)).unwrap(),
+    )
+    .unwrap();
+    let (text_after, math_after, caption_after) = tokens(&dir);
+    assert!(text_after < text, "{text_after} of {text}");
+    assert_eq!((math_after, caption_after), (math, caption));
+    std::fs::write(dir.join(RECIPE_FILE), "{").unwrap();
+    let err = EvalModel::load(&dir).err().unwrap();
+    assert!(format!("{err:#}").contains(RECIPE_FILE), "{err:#}");
 }
 
 /// Rewrites the model's gate as a linear gate whose bias puts `expert` first

@@ -31,9 +31,16 @@ fn every_stage_runs_and_the_model_directory_serves() {
         "gate_config.json",
         "gate.safetensors",
         TRAIN_LOG,
+        stages::RECIPE_FILE,
     ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
+    // The recipe beside the model retrains it.
+    let recipe = out.join(stages::RECIPE_FILE);
+    assert_eq!(
+        PipelineConfig::preset(recipe.to_str().unwrap()).unwrap(),
+        run.cfg
+    );
     let hot = HotSetConfig {
         capacity: 8,
         max_rank: 16,

@@ -26,9 +26,12 @@ use crate::model::tokenizer::{load_tokenizer, TokenizerLayout};
 use crate::model::vq::{rgb_to_tensor, tensor_to_rgb, VqModel};
 use crate::random_model::ADAPTERS_DIR;
 use crate::server::load_vq;
+use crate::train::batch::Unlearned;
 use crate::train::data::encode::Encoder;
 use crate::train::data::shapes::IMAGE_SIZE;
 use crate::train::data::{Domain, Scene};
+use crate::train::pipeline::{stage_data, PipelineConfig, ADAPTERS};
+use crate::train::stages::RECIPE_FILE;
 
 /// Images encoded or decoded by the VQ model in one call.
 const VQ_BATCH: usize = 16;
@@ -42,6 +45,22 @@ pub struct AdapterDomain {
     /// image adapter, every text domain for the text adapter, none for a
     /// domain the procedural world does not have (e.g. "chat").
     pub domains: Vec<Domain>,
+    /// Targets of those domains the adapter's recipe left to another
+    /// adapter (`recipe.json` beside the model: `adapter_only_domains`,
+    /// `adapter_only_skills`); empty without a recipe.
+    pub unlearned: Unlearned,
+}
+
+/// The recipe the model was trained with, where the pipeline left one.
+fn load_recipe(dir: &Path) -> Result<Option<PipelineConfig>> {
+    let path = dir.join(RECIPE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let path = path.to_string_lossy();
+    PipelineConfig::preset(&path)
+        .map(Some)
+        .with_context(|| format!("{path}: the recipe beside the model"))
 }
 
 /// The domain a role's name stands for ("math" and "arithmetic" alike).
@@ -99,6 +118,7 @@ impl EvalModel {
         let vq = load_vq(dir, &config, &device)?;
         let hot = hot_set_for(&dir.join(ADAPTERS_DIR))?;
         let runner = load_runner(dir, hot)?;
+        let recipe = load_recipe(dir)?;
         let adapters = runner
             .hot_set
             .names()
@@ -107,6 +127,11 @@ impl EvalModel {
                 let role = runner.hot_set.role_of(&name)?.clone();
                 Some(AdapterDomain {
                     domains: role_domains(&role),
+                    unlearned: recipe
+                        .as_ref()
+                        .filter(|_| ADAPTERS.contains(&name.as_str()))
+                        .map(|cfg| stage_data(cfg, &name).unlearned)
+                        .unwrap_or_default(),
                     name,
                     role,
                 })

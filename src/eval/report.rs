@@ -455,7 +455,9 @@ pub fn markdown(r: &EvalReport) -> String {
          domains, with the adapter off and on where it is served: a modality \
          adapter on the rows of its modality, over the base; a semantic adapter \
          as the gate's only expert (every text row), over the base with the \
-         modality adapters it was trained on top of.\n\n\
+         modality adapters it was trained on top of. Tokens the model's recipe \
+         (`recipe.json`: `adapter_only_domains`, `adapter_only_skills`) left to \
+         another adapter are not counted for one that never learned them.\n\n\
          | adapter | domains | off = | tokens | loss off | loss on | ppl off | ppl on | better on |\n\
          | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
     );

@@ -218,14 +218,15 @@ fn nll(logits: &[f32], target: usize) -> f32 {
 fn mean_loss(
     seqs: &[EncodedSequence],
     losses: &[Vec<Option<f32>>],
-    domains: &[Domain],
+    adapter: &AdapterDomain,
 ) -> (f64, usize) {
     let (mut sum, mut n) = (0f64, 0usize);
     for (s, l) in seqs.iter().zip(losses) {
         for (p, loss) in l.iter().enumerate() {
             let label = s.domains.get(p + 1).copied().flatten();
+            let skill = s.skill.get(p + 1).copied().unwrap_or(false);
             if let (Some(loss), Some(d)) = (loss, label) {
-                if domains.contains(&d) {
+                if adapter.domains.contains(&d) && !adapter.unlearned.covers(d, skill) {
                     sum += *loss as f64;
                     n += 1;
                 }
@@ -344,8 +345,8 @@ pub fn adapters_vs_base(
         let c = comparison(runner, a)?;
         let off = memo_losses(&mut memo, runner, seqs, c.mode, &c.without)?;
         let on = memo_losses(&mut memo, runner, seqs, c.mode, &c.with)?;
-        let (base_loss, tokens) = mean_loss(seqs, &memo[off].2, &a.domains);
-        let (adapter_loss, _) = mean_loss(seqs, &memo[on].2, &a.domains);
+        let (base_loss, tokens) = mean_loss(seqs, &memo[off].2, a);
+        let (adapter_loss, _) = mean_loss(seqs, &memo[on].2, a);
         out.push(AdapterVsBase {
             adapter: a.name.clone(),
             domains: a.domains.clone(),

@@ -52,25 +52,26 @@ pub struct StageData {
 }
 
 /// Targets that weigh 0 in a stage: skills it must not learn, left to their
-/// own semantic adapter (`adapter_only_domains` and
-/// `adapter_only_multi_step` of the pipeline). They stay in the context the
+/// own semantic adapter (`adapter_only_domains` and `adapter_only_skills`
+/// of the pipeline). They stay in the context the
 /// other targets attend to.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Unlearned {
     /// Every target of these domains.
     pub domains: Vec<Domain>,
-    /// The targets of these domains' chaining text (the tokens that link
-    /// one step of a multi-step answer to the next).
-    pub chaining: Vec<Domain>,
+    /// The targets of these domains' skill text (see
+    /// [`super::data::Segment`]: the chaining of multi-step sums, the
+    /// answers about shapes).
+    pub skills: Vec<Domain>,
 }
 
 impl Unlearned {
-    pub fn covers(&self, domain: Domain, chaining: bool) -> bool {
-        self.domains.contains(&domain) || (chaining && self.chaining.contains(&domain))
+    pub fn covers(&self, domain: Domain, skill: bool) -> bool {
+        self.domains.contains(&domain) || (skill && self.skills.contains(&domain))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.domains.is_empty() && self.chaining.is_empty()
+        self.domains.is_empty() && self.skills.is_empty()
     }
 }
 
@@ -111,8 +112,8 @@ impl TrainSeq {
     /// counts as the segment its label is resolved from).
     pub fn from_encoded(seq: EncodedSequence, prompt_weight: f32, unlearned: &Unlearned) -> Self {
         let n = seq.ids.len();
-        let units: Vec<Option<(Domain, bool)>> = (seq.domains.iter().zip(&seq.chaining))
-            .map(|(domain, &chaining)| domain.map(|d| (d, chaining)))
+        let units: Vec<Option<(Domain, bool)>> = (seq.domains.iter().zip(&seq.skill))
+            .map(|(domain, &skill)| domain.map(|d| (d, skill)))
             .collect();
         let units = resolve_labels(&units);
         let labels = units.iter().map(|u| u.map(|(d, _)| d)).collect();
@@ -385,14 +386,14 @@ mod tests {
                 Some(Arithmetic),
                 Some(Arithmetic),
             ],
-            chaining: vec![false; 6],
+            skill: vec![false; 6],
             answer_start: 3,
         };
         let all = TrainSeq::from_encoded(seq.clone(), 0.5, &Unlearned::default());
         assert_eq!(all.weights, vec![0.5, 0.5, 1.0, 1.0, 1.0, 0.0]);
         let arithmetic = Unlearned {
             domains: vec![Arithmetic],
-            chaining: vec![],
+            skills: vec![],
         };
         let masked = TrainSeq::from_encoded(seq, 0.5, &arithmetic);
         assert_eq!(masked.weights, vec![0.5, 0.5, 1.0, 0.0, 0.0, 0.0]);
@@ -415,18 +416,18 @@ mod tests {
                 Some(Arithmetic),
                 None,
             ],
-            chaining: vec![false, false, false, true, true, false],
+            skill: vec![false, false, false, true, true, false],
             answer_start: 1,
         };
         let chaining = Unlearned {
             domains: vec![],
-            chaining: vec![Arithmetic],
+            skills: vec![Arithmetic],
         };
         let masked = TrainSeq::from_encoded(seq.clone(), 0.5, &chaining);
         assert_eq!(masked.weights, vec![1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
         let code = Unlearned {
             domains: vec![],
-            chaining: vec![Code],
+            skills: vec![Code],
         };
         let all = TrainSeq::from_encoded(seq, 0.5, &code);
         assert_eq!(all.weights, vec![1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);

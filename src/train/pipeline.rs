@@ -120,7 +120,7 @@ pub fn stage_data(cfg: &PipelineConfig, stage: &str) -> StageData {
     };
     let unlearned = Unlearned {
         domains: others(&cfg.adapter_only_domains),
-        chaining: others(&cfg.adapter_only_multi_step),
+        skills: others(&cfg.adapter_only_skills),
     };
     let only_unlearned = |source: &Source| match source {
         Source::Task(task) => (task.sole_domain()).is_some_and(|d| unlearned.domains.contains(&d)),
@@ -224,6 +224,7 @@ mod tests {
         use crate::train::data::{Domain, Task};
         let mut cfg = PipelineConfig::tiny();
         cfg.adapter_only_domains = vec![Domain::Arithmetic];
+        cfg.adapter_only_skills.clear();
         let arithmetic_items = |cfg: &PipelineConfig, stage: &str| {
             let data = super::stage_data(cfg, stage);
             data.mixture
@@ -250,16 +251,16 @@ mod tests {
     }
 
     #[test]
-    fn adapter_only_multi_step_chaining_is_learned_by_its_adapter_alone() {
+    fn adapter_only_skills_are_learned_by_their_adapter_alone() {
         use crate::train::batch::Source;
         use crate::train::data::{Domain, Task};
         let mut cfg = PipelineConfig::tiny();
         cfg.adapter_only_domains.clear();
-        cfg.adapter_only_multi_step = vec![Domain::Arithmetic];
+        cfg.adapter_only_skills = vec![Domain::Arithmetic];
         for stage in ["base", "text", "image", "code", "caption"] {
             let data = super::stage_data(&cfg, stage);
             assert!(data.unlearned.domains.is_empty(), "{stage}");
-            assert_eq!(data.unlearned.chaining, vec![Domain::Arithmetic], "{stage}");
+            assert_eq!(data.unlearned.skills, vec![Domain::Arithmetic], "{stage}");
             // Every sum stays: only the chaining of multi-step answers weighs 0.
             assert_eq!(data.mixture, super::mixture_for(stage), "{stage}");
         }

@@ -84,12 +84,15 @@ pub struct PipelineConfig {
     /// LoRA, which a per-sequence server cannot combine with another.
     #[serde(default)]
     pub adapter_only_domains: Vec<Domain>,
-    /// Text domains whose multi-step answers (worked sums of two
-    /// operations) only their semantic adapter learns to chain: the base
-    /// learns every digit column but not the text that links one step to
-    /// the next (" then *3", ". 19*3: "), so alone it stops after one step.
-    #[serde(default)]
-    pub adapter_only_multi_step: Vec<Domain>,
+    /// Text domains whose own skill (a segment's `skill` ranges,
+    /// [`crate::train::data::Segment`]) only their semantic adapter
+    /// learns. Arithmetic: the text that chains one step of a worked sum to
+    /// the next (" then *3", ". 19*3: "); the base learns every digit
+    /// column, so alone it stops after one step. Caption: the answers
+    /// about shapes ("a square has 4 sides"). Session 18 named this
+    /// `adapter_only_multi_step`, still read.
+    #[serde(default, alias = "adapter_only_multi_step")]
+    pub adapter_only_skills: Vec<Domain>,
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub gate_hidden: usize,
@@ -170,7 +173,7 @@ impl PipelineConfig {
             // LoRA, mixed requests scored 58% single_pass against 50%
             // per_sequence (+8, not +20) and the text LoRA no longer beat
             // the base (session 18; configs/experiments/adapter_only_chaining.json).
-            adapter_only_multi_step: vec![],
+            adapter_only_skills: vec![],
             lora_rank: 16,
             lora_alpha: 32.0,
             gate_hidden: 64,
@@ -229,7 +232,7 @@ impl PipelineConfig {
             adapter_steps: BTreeMap::new(),
             adapter_learning_rates: BTreeMap::new(),
             adapter_only_domains: vec![Domain::Arithmetic],
-            adapter_only_multi_step: vec![],
+            adapter_only_skills: vec![Domain::Caption],
             lora_rank: 4,
             lora_alpha: 8.0,
             gate_hidden: 8,
@@ -300,8 +303,8 @@ impl PipelineConfig {
         if self.adapter_only_domains.contains(&Domain::Image) {
             bail!("adapter_only_domains names image: only text domains have a semantic adapter");
         }
-        if self.adapter_only_multi_step.contains(&Domain::Image) {
-            bail!("adapter_only_multi_step names image: only text domains have a semantic adapter");
+        if self.adapter_only_skills.contains(&Domain::Image) {
+            bail!("adapter_only_skills names image: only text domains have a semantic adapter");
         }
         use crate::train::vq_train::{COLOUR_CLASSES, SHAPE_CLASSES};
         let on = |weight: f64, classes: usize| if weight > 0.0 { classes } else { 0 };
@@ -341,8 +344,8 @@ mod tests {
     fn the_chaining_experiment_is_the_demo_recipe_with_chaining_left_to_the_math_lora() {
         let path = "configs/experiments/adapter_only_chaining.json";
         let mut cfg = PipelineConfig::preset(path).unwrap();
-        assert_eq!(cfg.adapter_only_multi_step, vec![super::Domain::Arithmetic]);
-        cfg.adapter_only_multi_step.clear();
+        assert_eq!(cfg.adapter_only_skills, vec![super::Domain::Arithmetic]);
+        cfg.adapter_only_skills.clear();
         cfg.adapter_learning_rates.clear();
         cfg.adapter_steps.insert("math".into(), 500);
         cfg.gate.steps = 120;

@@ -26,6 +26,9 @@ use crate::random_model::ADAPTERS_DIR;
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const CONFIG_FILE: &str = "config.json";
+/// `[seed, recipe]` beside the model: what trained it, which `--preset`
+/// reads back, and which adapters' tokens the evaluation leaves out.
+pub const RECIPE_FILE: &str = "recipe.json";
 
 /// `tokenizer`: byte-level BPE on the world's text, image codes added.
 pub fn tokenizer(run: &Run) -> Result<()> {
@@ -279,10 +282,11 @@ pub fn all(run: &Run, device: &Device) -> Result<()> {
             );
         }
     }
-    std::fs::write(
-        &pipeline,
-        serde_json::to_string_pretty(&(run.seed, &run.cfg))?,
-    )?;
+    let record = serde_json::to_string_pretty(&(run.seed, &run.cfg))?;
+    std::fs::write(&pipeline, &record)?;
+    std::fs::create_dir_all(&run.out)?;
+    std::fs::write(run.path(RECIPE_FILE), &record)
+        .with_context(|| format!("{}: cannot write", run.path(RECIPE_FILE).display()))?;
     if !run.path(TOKENIZER_FILE).exists() {
         tokenizer(run)?;
     }

@@ -27,9 +27,8 @@ pub struct EncodedSequence {
     pub ids: Vec<u32>,
     /// One label per id.
     pub domains: Vec<Option<Domain>>,
-    /// Per id: it overlaps a segment's chaining range, the text that links
-    /// one step of a multi-step answer to the next (see [`Segment`]).
-    pub chaining: Vec<bool>,
+    /// Per id: it overlaps a segment's skill range (see [`Segment`]).
+    pub skill: Vec<bool>,
     /// Index of the first answer id (0 for plain sequences).
     pub answer_start: usize,
 }
@@ -111,8 +110,8 @@ impl<'a> Encoder<'a> {
             Segment::Text {
                 domain,
                 text,
-                chaining,
-            } => self.push_marked_text(seq, Some(*domain), text, chaining),
+                skill,
+            } => self.push_marked_text(seq, Some(*domain), text, skill),
             Segment::Image(scene) => self.push_image(seq, &image_codes(scene)?),
         }
     }
@@ -126,14 +125,13 @@ impl<'a> Encoder<'a> {
         self.push_marked_text(seq, domain, text, &[])
     }
 
-    /// `text`'s tokens, those overlapping a `chaining` byte range marked
-    /// multi-step.
+    /// `text`'s tokens, those overlapping a `skill` byte range marked.
     fn push_marked_text(
         &self,
         seq: &mut EncodedSequence,
         domain: Option<Domain>,
         text: &str,
-        chaining: &[Range<usize>],
+        skill: &[Range<usize>],
     ) -> Result<()> {
         let enc = self
             .tokenizer
@@ -142,10 +140,9 @@ impl<'a> Encoder<'a> {
         seq.ids.extend_from_slice(enc.get_ids());
         let n = enc.get_ids().len();
         seq.domains.extend(std::iter::repeat_n(domain, n));
-        let overlaps = |&(start, end): &(usize, usize)| {
-            chaining.iter().any(|r| start < r.end && r.start < end)
-        };
-        seq.chaining.extend(enc.get_offsets().iter().map(overlaps));
+        let overlaps =
+            |&(start, end): &(usize, usize)| skill.iter().any(|r| start < r.end && r.start < end);
+        seq.skill.extend(enc.get_offsets().iter().map(overlaps));
         Ok(())
     }
 
@@ -161,7 +158,7 @@ impl<'a> Encoder<'a> {
             })?;
             seq.ids.push(id);
             seq.domains.push(Some(Domain::Image));
-            seq.chaining.push(false);
+            seq.skill.push(false);
         }
         self.push_special(seq, self.layout.eoi);
         Ok(())
@@ -170,7 +167,7 @@ impl<'a> Encoder<'a> {
     fn push_special(&self, seq: &mut EncodedSequence, id: u32) {
         seq.ids.push(id);
         seq.domains.push(None);
-        seq.chaining.push(false);
+        seq.skill.push(false);
     }
 
     /// Cuts generated ids into text and image runs: image codes (with or
@@ -244,7 +241,7 @@ mod tests {
     use super::*;
     use crate::model::tokenizer::build_default_tokenizer;
     use crate::train::data::text_domains::{sample_interleaved, sample_mixed_kind, MixedKind};
-    use crate::train::data::Split;
+    use crate::train::data::{Check, Split};
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -290,7 +287,26 @@ mod tests {
     }
 
     #[test]
-    fn multi_step_marks_cover_the_chaining_text_of_two_operation_answers() {
+    fn skill_marks_cover_the_whole_answer_about_a_shape_and_nothing_else() {
+        let (tok, layout) = build_default_tokenizer(600, 64).unwrap();
+        let enc = Encoder::new(&tok, &layout);
+        let mut rng = StdRng::seed_from_u64(5);
+        let ex = sample_mixed_kind(&mut rng, MixedKind::DrawAndSides, Split::Train);
+        let seq = enc.encode_example(&ex, &mut fake_codes).unwrap();
+        let marked: Vec<u32> = (0..seq.len())
+            .filter(|&i| seq.skill[i])
+            .map(|i| seq.ids[i])
+            .collect();
+        let Check::Exact(fact) = &ex.answer[1].check else {
+            panic!("the sides answer is checked exactly")
+        };
+        assert!(fact.ends_with(" sides"), "{fact}");
+        assert_eq!(tok.decode(&marked, false).unwrap(), *fact);
+        assert!((0..seq.len()).all(|i| !seq.skill[i] || seq.domains[i] == Some(Domain::Caption)));
+    }
+
+    #[test]
+    fn skill_marks_cover_the_chaining_text_of_two_operation_answers() {
         use crate::train::data::text_domains::sample_arithmetic;
         let (tok, layout) = build_default_tokenizer(600, 64).unwrap();
         let enc = Encoder::new(&tok, &layout);
@@ -302,12 +318,12 @@ mod tests {
                 panic!("an arithmetic answer is text")
             };
             let seq = enc.encode_example(&ex, &mut fake_codes).unwrap();
-            assert_eq!(seq.chaining.len(), seq.ids.len());
-            assert!(!seq.chaining[..seq.answer_start].iter().any(|&m| m));
+            assert_eq!(seq.skill.len(), seq.ids.len());
+            assert!(!seq.skill[..seq.answer_start].iter().any(|&m| m));
             let answer = seq.answer_start..seq.len() - 1;
             let text_of = |marked: bool| {
                 let ids: Vec<u32> = (answer.clone())
-                    .filter(|&i| seq.chaining[i] == marked)
+                    .filter(|&i| seq.skill[i] == marked)
                     .map(|i| seq.ids[i])
                     .collect();
                 tok.decode(&ids, false).unwrap()

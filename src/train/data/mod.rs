@@ -114,12 +114,14 @@ pub enum Segment {
     Text {
         domain: Domain,
         text: String,
-        /// Byte ranges of `text` that chain one step of a multi-step answer
-        /// to the next (" then *3", ". 19*3: " in a worked sum of two
-        /// operations): the part of a domain a recipe can leave to its
-        /// semantic adapter alone (`adapter_only_multi_step`).
+        /// Byte ranges of `text` that are its domain's own skill, the part
+        /// a recipe can leave to the domain's semantic adapter alone
+        /// (`adapter_only_skills`): in a worked sum of two operations, the
+        /// text chaining one step to the next (" then *3", ". 19*3: "); in
+        /// the answer to a question about a shape, the whole fact ("a
+        /// square has 4 sides").
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        chaining: Vec<Range<usize>>,
+        skill: Vec<Range<usize>>,
     },
     Image(Scene),
 }
@@ -129,17 +131,28 @@ impl Segment {
         Segment::Text {
             domain,
             text: text.into(),
-            chaining: Vec::new(),
+            skill: Vec::new(),
         }
     }
 
-    /// This text segment with `ranges` of it marked as chaining steps
+    /// This text segment with `ranges` of it marked as its domain's skill
     /// (images stay as they are).
-    pub fn with_chaining(mut self, ranges: Vec<Range<usize>>) -> Self {
-        if let Segment::Text { chaining, .. } = &mut self {
-            *chaining = ranges;
+    pub fn with_skill(mut self, ranges: Vec<Range<usize>>) -> Self {
+        if let Segment::Text { skill, .. } = &mut self {
+            *skill = ranges;
         }
         self
+    }
+
+    /// This text segment with all of it marked as its domain's skill.
+    pub fn all_skill(self) -> Self {
+        match &self {
+            Segment::Text { text, .. } => {
+                let whole = 0..text.len();
+                self.with_skill(vec![whole])
+            }
+            Segment::Image(_) => self,
+        }
     }
 
     /// The domain of this segment's tokens (image codes are [`Domain::Image`]).

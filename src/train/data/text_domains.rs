@@ -147,13 +147,7 @@ pub fn sample_mixed_kind<R: Rng + ?Sized>(
                         format!(" and tell me how many sides a {} has", asked.name()),
                     ),
                 ],
-                vec![
-                    image(&scene),
-                    exact(
-                        Domain::Caption,
-                        format!("a {} has {} sides", asked.name(), asked.sides()),
-                    ),
-                ],
+                vec![image(&scene), shape_fact(asked)],
             )
         }
         MixedKind::DrawAndCompute => {
@@ -273,10 +267,13 @@ fn drawing_request<R: Rng + ?Sized>(rng: &mut R, split: Split) -> (String, Scene
     (format!("draw {}", scene.caption()), scene)
 }
 
-fn exact(domain: Domain, text: String) -> AnswerPart {
+/// "a square has 4 sides": the whole answer is the caption domain's skill
+/// (`adapter_only_skills`).
+fn shape_fact(shape: Shape) -> AnswerPart {
+    let text = format!("a {} has {} sides", shape.name(), shape.sides());
     AnswerPart {
         check: Check::Exact(text.clone()),
-        segment: Segment::text(domain, text),
+        segment: Segment::text(Domain::Caption, text).all_skill(),
     }
 }
 
@@ -306,7 +303,7 @@ fn result(expr: &Expr, value: i64) -> AnswerPart {
     }
 }
 
-/// `lead` then the worked answer, its chaining ranges marked.
+/// `lead` then the worked answer, its chaining ranges marked as the skill.
 fn worked_segment(expr: &Expr, value: i64, lead: &str) -> Segment {
     // Generated expressions evaluate (`expression` checked), so this holds.
     let (worked, chaining) = expr
@@ -314,7 +311,7 @@ fn worked_segment(expr: &Expr, value: i64, lead: &str) -> Segment {
         .unwrap_or_else(|_| (value.to_string(), Vec::new()));
     let shift = |r: std::ops::Range<usize>| r.start + lead.len()..r.end + lead.len();
     Segment::text(Domain::Arithmetic, format!("{lead}{worked}"))
-        .with_chaining(chaining.into_iter().map(shift).collect())
+        .with_skill(chaining.into_iter().map(shift).collect())
 }
 
 fn caption(scene: &Scene) -> AnswerPart {
