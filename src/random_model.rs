@@ -188,6 +188,7 @@ pub fn write_random_model(dir: &Path, spec: &RandomModelSpec) -> Result<Config> 
             experts: spec.semantic_adapters.clone(),
             top_k: spec.gate_top_k,
             hidden_size: spec.gate_hidden,
+            first_gated_layer: 0,
         };
         Gate::random(
             gate_cfg,

@@ -237,6 +237,7 @@ fn force_gate(dir: &Path, expert: &str) {
         experts,
         top_k: 2,
         hidden_size: 0,
+        first_gated_layer: 0,
     };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     Gate::new(gate_cfg, cfg.num_hidden_layers, vb)

@@ -190,3 +190,60 @@ fn tiny_runner_vocab(dir: &std::path::Path) -> molora::model::config::VocabLayou
         .vocab()
         .unwrap()
 }
+
+/// `first_gated_layer` in gate_config.json: the layers before it get no
+/// semantic adapter, the later ones get the gate's picks as before; an
+/// out-of-range value is refused when the model loads.
+#[test]
+fn layers_before_the_first_gated_layer_get_no_semantic_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_tiny(dir.path());
+    let gate_file = dir.path().join(molora::routing::gate::GATE_CONFIG_FILE);
+    let set_first = |layer: usize| {
+        let text = std::fs::read_to_string(&gate_file).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+        cfg["first_gated_layer"] = layer.into();
+        std::fs::write(&gate_file, cfg.to_string()).unwrap();
+    };
+    let semantic_rows = |first: usize| -> (f64, candle_core::Tensor) {
+        set_first(first);
+        let mut runner = runner(dir.path(), 8);
+        let sel = runner.default_selection().unwrap();
+        let tokens = text_only(&runner, 40, 1);
+        let mut pool = vec![runner.new_cache().unwrap()];
+        let step = molora::engine::runner::SeqStep {
+            tokens: &tokens,
+            mode: RoutingMode::SinglePass,
+            adapters: &sel,
+            caches: &[0],
+        };
+        let out = runner.forward(&[step], &mut pool).unwrap();
+        let experts = &runner.gate.as_ref().unwrap().config.experts;
+        let rows = (out.report.rows_per_adapter.iter())
+            .filter(|(name, _)| experts.contains(name))
+            .map(|(_, rows)| rows)
+            .sum();
+        (rows, out.hidden)
+    };
+    let (every_layer, routed_everywhere) = semantic_rows(0);
+    let (after_first, routed_after_first) = semantic_rows(1);
+    assert!(every_layer >= 40.0, "{every_layer}");
+    let layers = spec.num_layers as f64;
+    assert!((after_first - every_layer * (layers - 1.0) / layers).abs() < 1e-9);
+    assert!(max_diff(&routed_everywhere, &routed_after_first) > 1e-4);
+    set_first(spec.num_layers);
+    let hot = molora::adapters::hot_set::HotSetConfig {
+        capacity: 8,
+        max_rank: 8,
+    };
+    let dir = dir.path();
+    let err = molora::engine::runner::ModelRunner::load(
+        dir,
+        &dir.join(molora::random_model::ADAPTERS_DIR),
+        hot,
+        &candle_core::Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{err:#}").contains("first_gated_layer"), "{err:#}");
+}

@@ -122,6 +122,13 @@ impl<'a> Router<'a> {
         layer: usize,
         x: &Tensor,
     ) -> candle_core::Result<RoutingPlan> {
+        if layer < gate.config.first_gated_layer {
+            let mut plan = RoutingPlan::with_capacity(self.rows.len(), self.rows.len());
+            for row in &self.rows {
+                plan.push_row(row.fixed.iter().copied());
+            }
+            return Ok(plan);
+        }
         let gated: Vec<u32> = (0..self.rows.len() as u32)
             .filter(|&i| self.rows[i as usize].gate_set.is_some())
             .collect();

@@ -104,32 +104,33 @@ fn gated_rows(batch: &PackedBatch, image_start: u32) -> (Vec<u32>, Vec<u32>) {
     (rows, experts)
 }
 
-/// Mean cross-entropy over layers and gated rows; also the accuracy of the
-/// last layer's top pick.
+/// Mean cross-entropy over the layers from `first_layer` on (`inputs` are
+/// theirs) and the gated rows; also each layer's accuracy
+/// of its top pick (the first layer's gate sees only the token's embedding,
+/// no context, so it is the one that can tell the domains apart least).
 pub fn gate_loss(
     gate: &TrainGate,
+    first_layer: usize,
     inputs: &[Tensor],
     rows: &[u32],
     experts: &[u32],
-) -> Result<(Tensor, f32)> {
+) -> Result<(Tensor, Vec<f32>)> {
     let dev = inputs[0].device();
     let idx = Tensor::from_slice(rows, rows.len(), dev)?;
     let target = Tensor::from_slice(experts, experts.len(), dev)?;
     let mut total: Option<Tensor> = None;
-    let mut accuracy = 0.0;
+    let mut accuracy = Vec::with_capacity(inputs.len());
     for (l, x) in inputs.iter().enumerate() {
-        let s = gate.scores(l, &x.index_select(&idx, 0)?)?;
+        let s = gate.scores(first_layer + l, &x.index_select(&idx, 0)?)?;
         let log_p = candle_nn::ops::log_softmax(&s, D::Minus1)?;
         let nll = log_p.gather(&target.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
         total = Some(match total {
             Some(t) => (t + nll)?,
             None => nll,
         });
-        if l + 1 == inputs.len() {
-            let pick = s.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let hits = pick.iter().zip(experts).filter(|(a, b)| a == b).count();
-            accuracy = hits as f32 / experts.len().max(1) as f32;
-        }
+        let pick = s.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let hits = pick.iter().zip(experts).filter(|(a, b)| a == b).count();
+        accuracy.push(hits as f32 / experts.len().max(1) as f32);
     }
     let total = total.context("the model has no layers")?;
     Ok(((total / inputs.len() as f64)?, accuracy))
@@ -169,12 +170,14 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
         |step| {
             let batch = maker.batch(&data, seed, step, pc.batch_rows, pc.batch_len, device)?;
             let routing = Recording {
-                inner: OracleRouting::new(&refs, &batch, image_start)?,
+                inner: OracleRouting::new(&refs, &batch, image_start)?
+                    .with_first_gated_layer(pc.first_gated_layer),
                 inputs: RefCell::new(Vec::new()),
             };
             base.hidden(&batch, &routing)?;
             let (rows, experts) = gated_rows(&batch, image_start);
-            let (loss, acc) = gate_loss(&gate, &routing.inputs.borrow(), &rows, &experts)?;
+            let inputs = &routing.inputs.borrow()[pc.first_gated_layer..];
+            let (loss, acc) = gate_loss(&gate, pc.first_gated_layer, inputs, &rows, &experts)?;
             last_accuracy = Some(acc);
             Ok(StepOut {
                 loss,
@@ -183,9 +186,12 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
         },
     )?;
     if let Some(accuracy) = last_accuracy {
+        let per_layer: Vec<String> = (accuracy.iter().enumerate())
+            .map(|(l, a)| format!("layer {} {:.1}%", pc.first_gated_layer + l, 100.0 * a))
+            .collect();
         eprintln!(
-            "gate: last-layer routing accuracy on the last batch {:.1}%",
-            100.0 * accuracy
+            "gate: routing accuracy on the last batch: {}",
+            per_layer.join(", ")
         );
     }
     varmap.save(run.path(crate::routing::gate::GATE_WEIGHTS_FILE))?;
@@ -193,6 +199,7 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
         experts: EXPERTS.iter().map(|s| s.to_string()).collect(),
         top_k: pc.gate_top_k,
         hidden_size: pc.gate_hidden,
+        first_gated_layer: pc.first_gated_layer,
     };
     std::fs::write(
         run.path(GATE_CONFIG_FILE),

@@ -97,6 +97,13 @@ pub struct PipelineConfig {
     pub lora_alpha: f64,
     pub gate_hidden: usize,
     pub gate_top_k: usize,
+    /// Layers before this one carry no semantic adapter, in training as in
+    /// serving (written to `gate_config.json`): the first layer's gate sees
+    /// only the token's embedding, so it misroutes where the later layers,
+    /// which see the context, do not (README, "Skills that live in one
+    /// adapter"). The semantic LoRAs' weights there stay at zero.
+    #[serde(default)]
+    pub first_gated_layer: usize,
     /// Train the decoder with the fused kernels of `train::fused` (same
     /// function, ~1.4x the step speed, different float rounding: a model
     /// trained either way reproduces only under the same setting).
@@ -178,6 +185,7 @@ impl PipelineConfig {
             lora_alpha: 32.0,
             gate_hidden: 64,
             gate_top_k: 1,
+            first_gated_layer: 0,
             fused_ops: true,
         }
     }
@@ -237,6 +245,7 @@ impl PipelineConfig {
             lora_alpha: 8.0,
             gate_hidden: 8,
             gate_top_k: 1,
+            first_gated_layer: 0,
             fused_ops: true,
         }
     }
@@ -305,6 +314,13 @@ impl PipelineConfig {
         }
         if self.adapter_only_skills.contains(&Domain::Image) {
             bail!("adapter_only_skills names image: only text domains have a semantic adapter");
+        }
+        if self.first_gated_layer >= self.decoder.num_layers {
+            bail!(
+                "first_gated_layer is {} but the decoder has {} layers: the gate would route none",
+                self.first_gated_layer,
+                self.decoder.num_layers
+            );
         }
         use crate::train::vq_train::{COLOUR_CLASSES, SHAPE_CLASSES};
         let on = |weight: f64, classes: usize| if weight > 0.0 { classes } else { 0 };
@@ -389,5 +405,11 @@ mod tests {
         cfg.adapter_only_domains
             .push(crate::train::data::Domain::Image);
         assert!(cfg.validate().is_err());
+        let mut cfg = PipelineConfig::tiny();
+        cfg.first_gated_layer = cfg.decoder.num_layers;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("first_gated_layer"), "{err}");
+        cfg.first_gated_layer -= 1;
+        cfg.validate().unwrap();
     }
 }

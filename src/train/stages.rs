@@ -184,6 +184,8 @@ pub fn frozen_adapter(run: &Run, name: &str, cfg: &Config, device: &Device) -> R
 /// exact gate.
 pub struct OracleRouting<'a> {
     pub entries: Vec<(&'a TrainLora, Tensor)>,
+    /// Semantic adapters apply from this layer on (`first_gated_layer`).
+    pub first_gated_layer: usize,
 }
 
 impl<'a> OracleRouting<'a> {
@@ -200,13 +202,25 @@ impl<'a> OracleRouting<'a> {
             };
             entries.push((a, mask));
         }
-        Ok(Self { entries })
+        Ok(Self {
+            entries,
+            first_gated_layer: 0,
+        })
+    }
+
+    pub fn with_first_gated_layer(mut self, layer: usize) -> Self {
+        self.first_gated_layer = layer;
+        self
     }
 }
 
 impl Routing for OracleRouting<'_> {
-    fn layer_adapters(&self, _: usize, _: &Tensor) -> candle_core::Result<LayerAdapters<'_>> {
-        Ok(self.entries.iter().map(|(a, m)| (*a, m.clone())).collect())
+    fn layer_adapters(&self, layer: usize, _: &Tensor) -> candle_core::Result<LayerAdapters<'_>> {
+        let gated = layer >= self.first_gated_layer;
+        Ok((self.entries.iter())
+            .filter(|(a, _)| gated || matches!(a.name.as_str(), "text" | "image"))
+            .map(|(a, m)| (*a, m.clone()))
+            .collect())
     }
 }
 
@@ -255,7 +269,8 @@ pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
         let batch = maker.batch(&data, seed, step, pc.batch_rows, pc.batch_len, device)?;
         let mut all: Vec<&TrainLora> = frozen.iter().collect();
         all.push(&lora);
-        let routing = OracleRouting::new(&all, &batch, image_start)?;
+        let routing = OracleRouting::new(&all, &batch, image_start)?
+            .with_first_gated_layer(pc.first_gated_layer);
         Ok(StepOut {
             loss: base.loss(&batch, &routing)?,
             items: batch.tokens,

@@ -278,10 +278,45 @@ fn every_gate_variable_receives_a_gradient() {
         .map(|l| Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap() * (l + 1) as f64)
         .collect::<candle_core::Result<_>>()
         .unwrap();
-    let (loss, _) = gate_loss(&gate, &inputs, &[0, 2, 3, 5], &[0, 1, 2, 1]).unwrap();
+    let (loss, accuracy) = gate_loss(&gate, 0, &inputs, &[0, 2, 3, 5], &[0, 1, 2, 1]).unwrap();
+    assert_eq!(accuracy.len(), 2, "one accuracy per layer");
+    assert!(accuracy.iter().all(|a| (0.0..=1.0).contains(a)));
     let grads = loss.backward().unwrap();
     assert_eq!(dead_vars(&varmap, &grads), Vec::<String>::new());
     assert_eq!(varmap.all_vars().len(), 8);
+}
+
+/// With `first_gated_layer` 1 a semantic adapter is absent from the first
+/// layer (its B there gets no gradient, so stays zero) and present after
+/// it; a modality adapter keeps every layer. At B = 0 every A is dead by
+/// construction, so the B's tell.
+#[test]
+fn semantic_adapters_skip_the_layers_before_the_first_gated_one() {
+    let cfg = tiny_config();
+    let dev = Device::Cpu;
+    let map = init_tensors(&cfg, 2).unwrap().into_iter().collect();
+    let base = TrainDecoder::new(&cfg, VarBuilder::from_tensors(map, DType::F32, &dev)).unwrap();
+    let batch = labelled_batch(&dev);
+    for name in ["text", "math"] {
+        let varmap = VarMap::new();
+        let role = super::pipeline::role_of(name).unwrap();
+        let lora = TrainLora::new_trainable(name, role, &cfg, 4, 8.0, 5, &varmap, &dev).unwrap();
+        let routing = OracleRouting::new(&[&lora], &batch, IMAGE_START)
+            .unwrap()
+            .with_first_gated_layer(1);
+        let grads = base.loss(&batch, &routing).unwrap().backward().unwrap();
+        let dead_b: Vec<String> = (dead_vars(&varmap, &grads).into_iter())
+            .filter(|n| n.contains("lora_B"))
+            .collect();
+        let in_first_layer = dead_b.iter().filter(|n| n.contains(".layers.0.")).count();
+        match name {
+            "text" => assert_eq!(dead_b, Vec::<String>::new()),
+            _ => {
+                assert_eq!(in_first_layer, 7, "{dead_b:?}");
+                assert_eq!(dead_b.len(), 7, "only the first layer: {dead_b:?}");
+            }
+        }
+    }
 }
 
 /// "Train 3 steps" equals "train 2, stop, resume, train to 3".
