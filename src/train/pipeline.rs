@@ -126,9 +126,14 @@ pub fn stage_data(cfg: &PipelineConfig, stage: &str) -> StageData {
         Source::Task(task) => (task.sole_domain()).is_some_and(|d| unlearned.domains.contains(&d)),
         _ => false,
     };
+    let mixed_weight = cfg.adapter_mixed_weights.get(stage).copied().unwrap_or(1.0);
     StageData {
         mixture: (mixture_for(stage).into_iter())
             .filter(|(_, source)| !only_unlearned(source))
+            .map(|(weight, source)| match source {
+                Source::Mixed(_) => (weight * mixed_weight, source),
+                _ => (weight, source),
+            })
             .collect(),
         prompt_weight: match stage {
             "base" => cfg.base_prompt_weight,
@@ -274,5 +279,30 @@ mod tests {
         assert!(math
             .mixture
             .contains(&(4.0, Source::Task(Task::Arithmetic))));
+    }
+
+    #[test]
+    fn adapter_mixed_weights_scale_only_that_adapters_mixed_requests() {
+        use crate::train::batch::Source;
+        let mut cfg = PipelineConfig::tiny();
+        cfg.adapter_mixed_weights.insert("math".into(), 2.0);
+        let given = super::mixture_for("math");
+        let math = super::stage_data(&cfg, "math").mixture;
+        assert_eq!(math.len(), given.len());
+        assert!(given.iter().any(|(_, s)| matches!(s, Source::Mixed(_))));
+        for ((w, source), (given_w, given_source)) in math.iter().zip(&given) {
+            assert_eq!(source, given_source);
+            let factor = if matches!(source, Source::Mixed(_)) {
+                2.0
+            } else {
+                1.0
+            };
+            assert_eq!(*w, given_w * factor, "{source:?}");
+        }
+        cfg.adapter_only_domains.clear();
+        assert_eq!(
+            super::stage_data(&cfg, "code").mixture,
+            super::mixture_for("code")
+        );
     }
 }
