@@ -218,7 +218,7 @@ impl Routing for OracleRouting<'_> {
     fn layer_adapters(&self, layer: usize, _: &Tensor) -> candle_core::Result<LayerAdapters<'_>> {
         let gated = layer >= self.first_gated_layer;
         Ok((self.entries.iter())
-            .filter(|(a, _)| gated || matches!(a.name.as_str(), "text" | "image"))
+            .filter(|(a, _)| gated || matches!(a.role, AdapterRole::Modality { .. }))
             .map(|(a, m)| (*a, m.clone()))
             .collect())
     }
