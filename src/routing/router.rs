@@ -4,8 +4,9 @@
 //! modality adapter from the vocabulary-range router, or the forced set of
 //! a per-sequence request. Text rows of requests that allow semantic adapters
 //! are also *gated*: at every layer the gate scores them on that layer's
-//! input and adds its top-k picks. The plan of a layer is fixed + gated
-//! assignments, grouped by slot for the dispatch kernels.
+//! input and adds its top-k picks (from the gate's `first_gated_layer` on;
+//! earlier layers get the fixed assignments alone). The plan of a layer is
+//! fixed + gated assignments, grouped by slot for the dispatch kernels.
 
 use std::cell::RefCell;
 
@@ -31,8 +32,21 @@ pub struct RowRoute {
 enum PlanSource<'a> {
     /// No row is gated: one plan serves every layer.
     Static(GroupedPlan),
-    /// Gated rows: the gate runs on each layer's input.
-    Gated(&'a Gate),
+    /// Gated rows: the gate runs on each layer's input from its
+    /// `first_gated_layer` on; the layers before it share the fixed plan.
+    Gated {
+        gate: &'a Gate,
+        before_first: Option<GroupedPlan>,
+    },
+}
+
+/// The plan of the rows' fixed assignments alone.
+fn fixed_plan(rows: &[RowRoute], num_slots: usize) -> GroupedPlan {
+    let mut plan = RoutingPlan::with_capacity(rows.len(), rows.len());
+    for r in rows {
+        plan.push_row(r.fixed.iter().copied());
+    }
+    plan.grouped(num_slots)
 }
 
 /// The semantic experts one request allows: (gate expert index, slot).
@@ -62,17 +76,14 @@ impl<'a> Router<'a> {
         rows: Vec<RowRoute>,
         gate_sets: Vec<GateSet>,
     ) -> Self {
-        let plans = match gate {
-            Some(gate) if rows.iter().any(|r| r.gate_set.is_some()) => PlanSource::Gated(gate),
-            _ => {
-                let mut plan = RoutingPlan::with_capacity(rows.len(), rows.len());
-                for r in &rows {
-                    plan.push_row(r.fixed.iter().copied());
-                }
-                PlanSource::Static(plan.grouped(hot_set.num_slots()))
-            }
-        };
         let slots = hot_set.num_slots();
+        let plans = match gate {
+            Some(gate) if rows.iter().any(|r| r.gate_set.is_some()) => PlanSource::Gated {
+                gate,
+                before_first: (gate.config.first_gated_layer > 0).then(|| fixed_plan(&rows, slots)),
+            },
+            _ => PlanSource::Static(fixed_plan(&rows, slots)),
+        };
         Self {
             hot_set,
             rows,
@@ -122,13 +133,6 @@ impl<'a> Router<'a> {
         layer: usize,
         x: &Tensor,
     ) -> candle_core::Result<RoutingPlan> {
-        if layer < gate.config.first_gated_layer {
-            let mut plan = RoutingPlan::with_capacity(self.rows.len(), self.rows.len());
-            for row in &self.rows {
-                plan.push_row(row.fixed.iter().copied());
-            }
-            return Ok(plan);
-        }
         let gated: Vec<u32> = (0..self.rows.len() as u32)
             .filter(|&i| self.rows[i as usize].gate_set.is_some())
             .collect();
@@ -176,7 +180,11 @@ impl LoraContext for Router<'_> {
     fn layer_plan(&self, layer: usize, x: &Tensor) -> candle_core::Result<Option<GroupedPlan>> {
         let plan = match &self.plans {
             PlanSource::Static(p) => p.clone(),
-            PlanSource::Gated(gate) => self
+            PlanSource::Gated {
+                gate,
+                before_first: Some(p),
+            } if layer < gate.config.first_gated_layer => p.clone(),
+            PlanSource::Gated { gate, .. } => self
                 .plan_with_gate(gate, layer, x)?
                 .grouped(self.hot_set.num_slots()),
         };
