@@ -24,7 +24,7 @@ use molora::routing::gate::{Gate, GateConfig};
 use molora::routing::mode::RoutingMode;
 use molora::train::data::scoring::score;
 use molora::train::data::text_domains::{sample_mixed_kind, MixedKind};
-use molora::train::data::{Domain, Scene, Split, PART_SEPARATOR};
+use molora::train::data::{Domain, Scene, Split, Task, PART_SEPARATOR};
 use serde_json::json;
 
 /// The tiny random model of tests/common plus a random VQ for its 4x4 grid
@@ -188,7 +188,7 @@ fn a_recipe_beside_the_model_keeps_an_adapter_from_being_judged_on_skills_it_nev
     let dir = tiny_model_with_vq("recipe");
     let tokens = |dir: &Path| {
         let mut model = EvalModel::load(dir).unwrap();
-        let seqs = held_out_sequences(&model, 16, 0).unwrap();
+        let (seqs, _) = held_out_sequences(&model, 16, 0).unwrap();
         let adapters = model.adapters.clone();
         let rows = adapters_vs_base(&mut model.runner, &adapters, &seqs).unwrap();
         let count = |name: &str| rows.iter().find(|r| r.adapter == name).unwrap().tokens;
@@ -251,7 +251,7 @@ fn routing_accuracy_counts_a_gate_forced_to_one_adapter() {
     let dir = tiny_model_with_vq("gate");
     force_gate(&dir, "code");
     let mut model = EvalModel::load(&dir).unwrap();
-    let seqs = held_out_sequences(&model, 3, 5).unwrap();
+    let (seqs, tasks) = held_out_sequences(&model, 3, 5).unwrap();
     let count = |d: Domain| {
         seqs.iter()
             .flat_map(|s| &s.domains)
@@ -264,8 +264,18 @@ fn routing_accuracy_counts_a_gate_forced_to_one_adapter() {
         count(Domain::Caption),
     );
     assert!(arith > 0 && code > 0 && caption > 0);
+    let routable =
+        |d: &Option<Domain>| matches!(d, Some(Domain::Arithmetic | Domain::Code | Domain::Caption));
+    let mixed_text: usize = (seqs.iter().zip(&tasks))
+        .filter(|(_, t)| **t == Task::Mixed)
+        .map(|(s, _)| s.domains.iter().filter(|d| routable(d)).count())
+        .sum();
+    let chaining: usize = (seqs.iter())
+        .map(|s| (s.answer_start..s.len()).filter(|&t| s.skill[t]).count())
+        .sum();
+    assert!(mixed_text > 0 && chaining > 0);
     for mode in [RoutingMode::SinglePass, RoutingMode::PerModalityPass] {
-        let tally = gate_accuracy(&mut model.runner, &seqs, mode)
+        let tally = gate_accuracy(&mut model.runner, &seqs, &tasks, mode)
             .unwrap()
             .unwrap();
         // Image tokens are never gated; every text token of a routable domain
@@ -274,9 +284,12 @@ fn routing_accuracy_counts_a_gate_forced_to_one_adapter() {
         assert_eq!(tally.correct, code, "{mode}");
         assert_eq!(tally.by_domain[&Domain::Code], (code, code));
         assert_eq!(tally.by_domain[&Domain::Arithmetic], (0, arith));
+        // Chaining tokens are arithmetic ones: a code-only gate gets none.
+        assert_eq!(tally.skill, (0, chaining));
+        assert_eq!(tally.mixed.1, mixed_text);
     }
     for mode in [RoutingMode::PerSequence, RoutingMode::Base] {
-        assert!(gate_accuracy(&mut model.runner, &seqs, mode)
+        assert!(gate_accuracy(&mut model.runner, &seqs, &tasks, mode)
             .unwrap()
             .is_none());
     }
@@ -284,7 +297,7 @@ fn routing_accuracy_counts_a_gate_forced_to_one_adapter() {
     // A gate that always picks "chat" (no domain of the world) is never right.
     force_gate(&dir, "chat");
     let mut model = EvalModel::load(&dir).unwrap();
-    let tally = gate_accuracy(&mut model.runner, &seqs, RoutingMode::SinglePass)
+    let tally = gate_accuracy(&mut model.runner, &seqs, &tasks, RoutingMode::SinglePass)
         .unwrap()
         .unwrap();
     assert_eq!((tally.correct, tally.total), (0, arith + code + caption));

@@ -87,10 +87,10 @@ pub struct EvalArgs {
     /// renderings, and each mode's first drawings named by their caption.
     #[arg(long)]
     pub save_images: Option<PathBuf>,
-    /// Print the first few prompts of every row with what the model
-    /// produced (stderr), for each mode.
-    #[arg(long)]
-    pub show: bool,
+    /// Print the first N prompts (3 when N is left out) of every row with
+    /// what the model produced and its verdict (stderr), for each mode.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "3")]
+    pub show: Option<usize>,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -111,7 +111,7 @@ impl EvalArgs {
             json: false,
             out: None,
             save_images: None,
-            show: false,
+            show: None,
             quiet: true,
         }
     }
@@ -154,7 +154,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
 
     // Teacher-forced losses average over many tokens per sequence: half the
     // generation rows' count is plenty.
-    let seqs = teacher::held_out_sequences(&model, args.n.div_ceil(2), args.seed)?;
+    let (seqs, seq_tasks) = teacher::held_out_sequences(&model, args.n.div_ceil(2), args.seed)?;
     let adapter_rows = model.adapters.clone();
     let adapters = teacher::adapters_vs_base(&mut model.runner, &adapter_rows, &seqs)?;
     say("adapters against base done");
@@ -168,13 +168,20 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     };
     let mut modes = Vec::new();
     for &mode in &args.modes {
-        let scores = tasks::run_suite(&model, &engine, &suite, mode, decoding)?;
-        let gate = teacher::gate_accuracy(&mut model.runner, &seqs, mode)?;
+        let scores = tasks::run_suite(
+            &model,
+            &engine,
+            &suite,
+            mode,
+            decoding,
+            args.show.unwrap_or(0),
+        )?;
+        let gate = teacher::gate_accuracy(&mut model.runner, &seqs, &seq_tasks, mode)?;
         say(&format!(
             "{mode}: {} tokens generated in {:.1} s",
             scores.generated_tokens, scores.wall_s
         ));
-        if args.show {
+        if args.show.is_some() {
             for line in &scores.shown {
                 eprintln!("  [{mode}] {line}");
             }

@@ -224,6 +224,13 @@ pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
             n,
             "",
         ));
+        let prefix = format!("{}: ", mixed_kind_name(kind));
+        for (key, &(h, n)) in &t.mixed_parts {
+            if let Some(domain) = key.strip_prefix(&prefix) {
+                let label = format!("mixed: {}, {domain} part right", mixed_kind_name(kind));
+                rows.push(Row::rate(label, h, n, ""));
+            }
+        }
     }
     let gate = m.gate.clone().unwrap_or_default();
     rows.push(Row::rate(
@@ -241,6 +248,10 @@ pub fn mode_rows(m: &ModeResult) -> Vec<Row> {
             "",
         ));
     }
+    let (h, n) = gate.skill;
+    rows.push(Row::rate("gate accuracy: chaining tokens", h, n, ""));
+    let (h, n) = gate.mixed;
+    rows.push(Row::rate("gate accuracy: mixed-request tokens", h, n, ""));
     rows.push(Row::number("failed requests", t.failed as f64, Unit::Count));
     rows.push(Row::number(
         "generated tokens",

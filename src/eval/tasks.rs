@@ -169,6 +169,9 @@ pub struct TaskScores {
     pub exact: BTreeMap<String, (usize, usize)>,
     /// (exactly right, posed) per mixed kind.
     pub mixed: BTreeMap<String, (usize, usize)>,
+    /// (right, posed) per part of a mixed kind, keyed "kind: domain" (say
+    /// "draw and compute: image"): which half of a request fails.
+    pub mixed_parts: BTreeMap<String, (usize, usize)>,
     /// (exactly right, posed) arithmetic by operator count (1 or 2).
     pub arithmetic_by_ops: BTreeMap<usize, (usize, usize)>,
     /// Requests the engine refused or failed, and the first reason.
@@ -195,9 +198,6 @@ pub struct PairColours {
     pub drawn_instead: BTreeMap<String, usize>,
 }
 
-/// Items per row kept for `--show`.
-pub const SHOWN_PER_ROW: usize = 3;
-
 /// Drawings kept per mode for `--save-images`.
 pub const KEPT_DRAWINGS: usize = 8;
 
@@ -208,6 +208,7 @@ pub fn run_suite(
     suite: &Suite,
     mode: RoutingMode,
     decoding: Decoding,
+    shown_per_row: usize,
 ) -> Result<TaskScores> {
     let start = Instant::now();
     if mode == RoutingMode::PerSequence {
@@ -259,7 +260,7 @@ pub fn run_suite(
         let task = item.example.task;
         let key = row_key(task, item.split);
         let tally = scores.exact.entry(key.into()).or_default();
-        if tally.1 < SHOWN_PER_ROW {
+        if tally.1 < shown_per_row {
             scores.shown.push(show(key, item, &produced, s.exact));
         }
         count(tally, s.exact);
@@ -268,8 +269,12 @@ pub fn run_suite(
             count(scores.arithmetic_by_ops.entry(ops).or_default(), s.exact);
         }
         if let Some(kind) = item.kind {
-            let name = mixed_kind_name(kind).into();
-            count(scores.mixed.entry(name).or_default(), s.exact);
+            let name = mixed_kind_name(kind);
+            count(scores.mixed.entry(name.into()).or_default(), s.exact);
+            for part in &s.parts {
+                let key = format!("{name}: {}", part.domain.name());
+                count(scores.mixed_parts.entry(key).or_default(), part.ok);
+            }
         }
         for (part, gold) in s.parts.iter().zip(&item.example.answer) {
             let Some(attributes) = &part.attributes else {

@@ -29,24 +29,34 @@ use crate::engine::runner::{AdapterSelection, ModelRunner, SeqStep};
 use crate::routing::mode::RoutingMode;
 use crate::train::data::encode::EncodedSequence;
 use crate::train::data::text_domains::sample;
-use crate::train::data::{Domain, Scene, Split};
+use crate::train::data::{Domain, Scene, Split, Task};
 
 /// Token rows per forward call.
 const ROWS_PER_FORWARD: usize = 1024;
 
 /// `n` held-out examples of every task the model can be posed, encoded with
-/// their answers and labels.
-pub fn held_out_sequences(model: &EvalModel, n: usize, seed: u64) -> Result<Vec<EncodedSequence>> {
+/// their answers and labels, and the task of each.
+pub fn held_out_sequences(
+    model: &EvalModel,
+    n: usize,
+    seed: u64,
+) -> Result<(Vec<EncodedSequence>, Vec<Task>)> {
     let enc = model.encoder();
-    let mut out = Vec::new();
+    let (mut seqs, mut tasks) = (Vec::new(), Vec::new());
     for task in tasks_for(model) {
         let mut rng = StdRng::seed_from_u64(seed ^ (0x7eac_0000 + task as u64));
         for _ in 0..n {
             let example = sample(&mut rng, task, Split::Test);
-            out.push(enc.encode_example(&example, &mut |s: &Scene| model.scene_codes(s))?);
+            seqs.push(enc.encode_example(&example, &mut |s: &Scene| model.scene_codes(s))?);
+            tasks.push(task);
         }
     }
-    Ok(out)
+    Ok((seqs, tasks))
+}
+
+fn count(tally: &mut (usize, usize), ok: bool) {
+    tally.0 += ok as usize;
+    tally.1 += 1;
 }
 
 /// Runs every sequence through the runner in `mode` with `selection`, in
@@ -105,6 +115,13 @@ pub struct GateTally {
     pub correct: usize,
     pub total: usize,
     pub by_domain: BTreeMap<Domain, (usize, usize)>,
+    /// The answer tokens that chain a worked sum's steps (the skill an
+    /// `adapter_only_skills` adapter alone learns): routed wrong, no other
+    /// adapter can write them.
+    pub skill: (usize, usize),
+    /// The text tokens of mixed requests, where a token's domain changes
+    /// within one answer.
+    pub mixed: (usize, usize),
 }
 
 impl GateTally {
@@ -118,6 +135,7 @@ impl GateTally {
 pub fn gate_accuracy(
     runner: &mut ModelRunner,
     seqs: &[EncodedSequence],
+    tasks: &[Task],
     mode: RoutingMode,
 ) -> Result<Option<GateTally>> {
     let experts = match &runner.gate {
@@ -143,7 +161,9 @@ pub fn gate_accuracy(
     }
     let mut tally = GateTally::default();
     forward_all(runner, seqs, mode, &selection, |i, _, picks| {
-        for (label, &pick) in seqs[i].domains.iter().zip(picks) {
+        let seq = &seqs[i];
+        let is_mixed = tasks.get(i) == Some(&Task::Mixed);
+        for (t, (label, &pick)) in seq.domains.iter().zip(picks).enumerate() {
             let Some(domain) = label.filter(|d| routable.contains(d)) else {
                 continue;
             };
@@ -153,9 +173,13 @@ pub fn gate_accuracy(
                     .is_some_and(|ds| ds.contains(&domain));
             tally.correct += ok as usize;
             tally.total += 1;
-            let d = tally.by_domain.entry(domain).or_default();
-            d.0 += ok as usize;
-            d.1 += 1;
+            count(tally.by_domain.entry(domain).or_default(), ok);
+            if seq.skill[t] && t >= seq.answer_start {
+                count(&mut tally.skill, ok);
+            }
+            if is_mixed {
+                count(&mut tally.mixed, ok);
+            }
         }
         Ok(())
     })?;
