@@ -21,6 +21,7 @@ pub mod image_checks;
 pub mod model;
 pub mod provenance;
 pub mod report;
+pub mod targets;
 pub mod tasks;
 pub mod teacher;
 
@@ -214,7 +215,7 @@ pub fn cli(args: EvalArgs) -> Result<()> {
     if args.json {
         let out = serde_json::json!({
             "report": report,
-            "targets": report::targets(&report),
+            "targets": targets::targets(&report),
         });
         println!("{out}");
     } else {

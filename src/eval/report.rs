@@ -1,7 +1,7 @@
 //! The evaluation's results as data ([`EvalReport`], serialisable) and as
-//! markdown tables: one table of mode-independent checks, one of adapters
-//! against base, one per routing mode, and the issue's targets with the
-//! measured numbers.
+//! markdown tables: the issue's targets with the measured numbers
+//! (`targets.rs`), one table of mode-independent checks, one of adapters
+//! against base, one per routing mode.
 //!
 //! Invariant: every mode table has the same rows in the same order; a row
 //! that cannot be measured in a mode (the gate in `base`, pictures without a
@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::image_checks::VqCheck;
+use super::targets::targets;
 use super::tasks::{mixed_kind_name, TaskScores};
 use super::teacher::{AdapterVsBase, GateTally};
 use crate::routing::mode::RoutingMode;
@@ -318,112 +319,6 @@ fn table(out: &mut String, rows: &[Row]) {
     }
 }
 
-/// One issue target, measured.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TargetCheck {
-    pub target: String,
-    pub measured: String,
-    /// `None` when it could not be measured (a mode not run, no VQ model).
-    pub met: Option<bool>,
-}
-
-fn find<'a>(rows: &'a [Row], metric: &str) -> Option<&'a Row> {
-    rows.iter().find(|r| r.metric == metric)
-}
-
-/// The issue's quality targets against this report.
-pub fn targets(r: &EvalReport) -> Vec<TargetCheck> {
-    let rows_of = |mode: RoutingMode| r.modes.iter().find(|m| m.mode == mode).map(mode_rows);
-    let single = rows_of(RoutingMode::SinglePass).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut at_least = |target: &str, metric: &str, rows: &[Row], min: f64| {
-        let v = find(rows, metric).and_then(|row| row.value);
-        out.push(TargetCheck {
-            target: format!("{target} ≥ {:.0}%", 100.0 * min),
-            measured: v.map_or("n/a".into(), |v| format!("{:.1}%", 100.0 * v)),
-            met: v.map(|v| v >= min),
-        });
-    };
-    let pipeline = pipeline_rows(r);
-    at_least(
-        "checker on ground truth, every attribute",
-        "checker on ground-truth renderings: all",
-        &pipeline,
-        0.99,
-    );
-    let img = "image (drawn from held-out captions):";
-    at_least("image colour", &format!("{img} colour"), &single, 0.95);
-    at_least("image shape", &format!("{img} shape"), &single, 0.85);
-    at_least("image position", &format!("{img} position"), &single, 0.85);
-    at_least(
-        "arithmetic exact match",
-        "arithmetic exact match",
-        &single,
-        0.90,
-    );
-    at_least(
-        "code exact match",
-        "code exact match (program output)",
-        &single,
-        0.85,
-    );
-    at_least(
-        "captioning attributes (all right)",
-        "captioning exact match (all attributes)",
-        &single,
-        0.90,
-    );
-    at_least(
-        "gate routing accuracy",
-        "gate routing accuracy (top-1, last layer)",
-        &single,
-        0.90,
-    );
-    let mixed = |rows: Option<Vec<Row>>| {
-        rows.and_then(|rows| find(&rows, "mixed requests exact match").and_then(|r| r.value))
-    };
-    let (s, p) = (
-        mixed(Some(single.clone())),
-        mixed(rows_of(RoutingMode::PerSequence)),
-    );
-    out.push(TargetCheck {
-        target: "mixed requests: single_pass ≥ per_sequence + 20 points".into(),
-        measured: match (s, p) {
-            (Some(s), Some(p)) => format!(
-                "{:.1}% vs {:.1}% ({:+.1} points)",
-                100.0 * s,
-                100.0 * p,
-                100.0 * (s - p)
-            ),
-            _ => "n/a".into(),
-        },
-        met: s.zip(p).map(|(s, p)| s - p >= 0.20),
-    });
-    let beaten: Vec<String> = r
-        .adapters
-        .iter()
-        .filter(|a| !a.beats_base())
-        .map(|a| a.adapter.clone())
-        .collect();
-    out.push(TargetCheck {
-        target: "every adapter beats base on its own domain".into(),
-        measured: if beaten.is_empty() {
-            format!("{} of {} beat base", r.adapters.len(), r.adapters.len())
-        } else {
-            format!("not beating base: {}", beaten.join(", "))
-        },
-        met: (!r.adapters.is_empty()).then_some(beaten.is_empty()),
-    });
-    let mb = r.model_bytes as f64 / 1e6;
-    out.push(TargetCheck {
-        target: "model directory ≤ 60 MB".into(),
-        measured: format!("{mb:.1} MB"),
-        met: Some(mb <= 60.0),
-    });
-    out
-}
-
-/// Every table, in markdown.
 /// Pairs shown in a mode's colour-miss line.
 const SHOWN_MISSES: usize = 5;
 
@@ -447,6 +342,7 @@ fn colour_misses(t: &TaskScores) -> Option<String> {
     ))
 }
 
+/// Every table, in markdown.
 pub fn markdown(r: &EvalReport) -> String {
     let mut out = String::new();
     out.push_str("### Targets\n\n| target | measured | met |\n| --- | --- | --- |\n");
