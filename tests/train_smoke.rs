@@ -1,6 +1,7 @@
 //! Every stage of `molora train` for a few steps on tiny sizes, then the
-//! model directory loads the way `serve` loads it, and a second `all`
-//! resumes instead of retraining.
+//! model directory loads the way `serve` loads it, a second `all` resumes
+//! instead of retraining, and stages run side by side write the same bytes
+//! as stages run one at a time.
 
 use candle_core::Device;
 use molora::adapters::HotSetConfig;
@@ -19,9 +20,11 @@ fn every_stage_runs_and_the_model_directory_serves() {
         out: out.clone(),
         seed: 7,
         cfg,
+        // Two cores shared by two stages, even on a one-core machine.
+        threads: 2,
     };
     let dev = Device::Cpu;
-    stages::all(&run, &dev).unwrap();
+    stages::all(&run, &dev, 2).unwrap();
 
     for file in [
         "config.json",
@@ -76,12 +79,48 @@ fn every_stage_runs_and_the_model_directory_serves() {
     assert!(run.cfg.semantic_adapter.steps > 1);
     let weights = std::fs::read(out.join("model.safetensors")).unwrap();
     // A finished run resumes at its last step: nothing changes.
-    stages::all(&run, &dev).unwrap();
+    stages::all(&run, &dev, 2).unwrap();
     assert_eq!(
         std::fs::read(out.join("model.safetensors")).unwrap(),
         weights
     );
     // Another preset into the same folder is refused.
-    let other = Run { seed: 8, ..run };
-    assert!(stages::all(&other, &dev).is_err());
+    let other = Run {
+        seed: 8,
+        ..run.clone()
+    };
+    assert!(stages::all(&other, &dev, 2).is_err());
+
+    // One stage at a time: the same products, byte for byte.
+    let sequential = Run {
+        out: dir.path().join("sequential"),
+        ..run
+    };
+    stages::all(&sequential, &dev, 1).unwrap();
+    let products = |root: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+        let mut files = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.strip_prefix(root).unwrap().display().to_string();
+                if path.is_dir() {
+                    if name != "checkpoints" {
+                        stack.push(path);
+                    }
+                } else if name != TRAIN_LOG {
+                    files.push((name, std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    let (side_by_side, one_at_a_time) = (products(&out), products(&sequential.out));
+    let names = |files: &[(String, Vec<u8>)]| files.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&side_by_side), names(&one_at_a_time));
+    assert!(side_by_side.len() >= 10, "{:?}", names(&side_by_side));
+    for ((name, a), (_, b)) in side_by_side.iter().zip(&one_at_a_time) {
+        assert!(a == b, "{name} differs between --jobs 2 and --jobs 1");
+    }
 }

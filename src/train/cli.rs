@@ -47,8 +47,16 @@ pub enum Stage {
     },
     /// The gate over the semantic adapters, base and adapters frozen.
     Gate(Common),
-    /// Every stage in order, resuming finished and interrupted ones.
-    All(Common),
+    /// Every stage, resuming finished and interrupted ones; stages that do
+    /// not read each other's products run side by side.
+    All {
+        /// Stages at once (0: one per core). The trained weights are the
+        /// same for any value.
+        #[arg(long, default_value_t = 0)]
+        jobs: usize,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 fn run_of(c: &Common) -> Result<Run> {
@@ -56,6 +64,7 @@ fn run_of(c: &Common) -> Result<Run> {
         out: c.out.clone(),
         seed: c.seed,
         cfg: PipelineConfig::preset(&c.preset)?,
+        threads: 0,
     })
 }
 
@@ -68,6 +77,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Stage::Base(c) => stages::base(&run_of(c)?, &device),
         Stage::Adapter { name, common } => stages::adapter(&run_of(common)?, name, &device),
         Stage::Gate(c) => gate_train::gate(&run_of(c)?, &device),
-        Stage::All(c) => stages::all(&run_of(c)?, &device),
+        Stage::All { jobs, common } => stages::all(&run_of(common)?, &device, *jobs),
     }
 }

@@ -189,10 +189,10 @@ pub fn gate(run: &Run, device: &Device) -> Result<()> {
         let per_layer: Vec<String> = (accuracy.iter().enumerate())
             .map(|(l, a)| format!("layer {} {:.1}%", pc.first_gated_layer + l, 100.0 * a))
             .collect();
-        eprintln!(
+        super::progress::println(&format!(
             "gate: routing accuracy on the last batch: {}",
             per_layer.join(", ")
-        );
+        ));
     }
     varmap.save(run.path(crate::routing::gate::GATE_WEIGHTS_FILE))?;
     let gate_cfg = GateConfig {

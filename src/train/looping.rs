@@ -16,7 +16,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use candle_nn::{ParamsAdamW, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::vq_train::AdamW;
@@ -142,7 +141,7 @@ pub fn run(
         opt.load(&dir.join(OPTIMIZER), state.step)?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let bar = progress_bar(name, schedule.steps, state.step);
+    let bar = super::progress::bar(name, schedule.steps, state.step);
     let started = Instant::now();
     let base_seconds = state.seconds;
     while state.step < schedule.steps {
@@ -182,19 +181,6 @@ pub fn run(
     }
     bar.finish();
     Ok(state)
-}
-
-fn progress_bar(name: &str, steps: u64, done: u64) -> ProgressBar {
-    let bar = ProgressBar::new(steps);
-    let style = ProgressStyle::with_template(
-        "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed} elapsed, eta {eta})",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(name.to_string());
-    bar.set_position(done);
-    bar
 }
 
 pub fn read_state(dir: &Path) -> Result<LoopState> {

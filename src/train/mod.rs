@@ -4,7 +4,8 @@
 //! from, [`stages`] and [`gate_train`] run them
 //! (`molora train <stage>`, see [`cli`]), on the differentiable decoder of
 //! [`decoder`] with the LoRA pairs of [`lora`], batches of [`batch`] and the
-//! loop of [`looping`].
+//! loop of [`looping`]; `train all` runs independent stages side by side
+//! ([`schedule`], [`threads`]).
 
 pub mod data;
 
@@ -17,7 +18,10 @@ pub mod looping;
 pub mod lora;
 pub mod pipeline;
 pub mod presets;
+pub mod progress;
+pub mod schedule;
 pub mod stages;
+pub mod threads;
 pub mod vq_stages;
 pub mod vq_train;
 

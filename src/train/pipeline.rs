@@ -3,10 +3,10 @@
 //! sizes and schedules of the stages are a [`PipelineConfig`] (see
 //! [`super::presets`]), written beside the checkpoints.
 //!
-//! Stages, in order: tokenizer -> vq -> base -> adapters (text, image, then
-//! the semantic math, code, caption) -> gate. Each reads what the earlier
-//! ones wrote into the output folder and resumes from its own checkpoint
-//! folder under `<out>/checkpoints/<stage>`.
+//! Stages ([`stage_graph`]): tokenizer -> vq -> vq_decoder and, beside it,
+//! base -> adapters (text, image, then the semantic math, code, caption) ->
+//! gate. Each reads what the earlier ones wrote into the output folder and
+//! resumes from its own checkpoint folder under `<out>/checkpoints/<stage>`.
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,33 @@ pub const TRAIN_LOG: &str = "train_log.json";
 /// The adapters the pipeline trains, in order (semantic ones after the
 /// modality ones they are trained on top of).
 pub const ADAPTERS: [&str; 5] = ["text", "image", "math", "code", "caption"];
+/// The stages of `train all` in order, each with the stages whose products
+/// it reads (so it starts once they have ended). The base reads only the
+/// encoder and codebook, which `vq_decoder` leaves as they are: the two run
+/// side by side. The gate comes last, after every other stage.
+pub fn stage_graph() -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut graph = vec![
+        ("tokenizer", vec![]),
+        ("vq", vec![]),
+        ("vq_decoder", vec!["vq"]),
+        ("base", vec!["tokenizer", "vq"]),
+    ];
+    let modality: Vec<&str> = (ADAPTERS.iter().copied())
+        .filter(|a| !EXPERTS.contains(a))
+        .collect();
+    for adapter in ADAPTERS {
+        let needs = match EXPERTS.contains(&adapter) {
+            true => modality.clone(),
+            false => vec!["base"],
+        };
+        graph.push((adapter, needs));
+    }
+    let mut gate_needs = vec!["vq_decoder"];
+    gate_needs.extend(ADAPTERS);
+    graph.push(("gate", gate_needs));
+    graph
+}
+
 /// The gate's experts: the semantic adapters.
 pub const EXPERTS: [&str; 3] = ["math", "code", "caption"];
 
@@ -150,9 +177,19 @@ pub struct Run {
     pub out: PathBuf,
     pub seed: u64,
     pub cfg: PipelineConfig,
+    /// Cores a stage may spread its work over (0: all of this machine's).
+    /// Only speed depends on it, never a trained weight.
+    pub threads: usize,
 }
 
 impl Run {
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            0 => super::threads::cores(),
+            n => n,
+        }
+    }
+
     pub fn checkpoint_dir(&self, stage: &str) -> PathBuf {
         self.out.join(CHECKPOINTS_DIR).join(stage)
     }
@@ -204,6 +241,9 @@ impl StageLog {
 /// run again trains nothing (empty log, same steps) and keeps the record of
 /// the run that trained it.
 pub fn record(out: &Path, entry: StageLog) -> Result<()> {
+    // Stages running at once (`train all --jobs`) share the file.
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _writing = WRITING.lock().unwrap_or_else(|e| e.into_inner());
     let path = out.join(TRAIN_LOG);
     let mut all: Vec<StageLog> = std::fs::read_to_string(&path)
         .ok()
@@ -215,6 +255,13 @@ pub fn record(out: &Path, entry: StageLog) -> Result<()> {
     }
     all.retain(|e| e.stage != entry.stage);
     all.push(entry);
+    // In pipeline order, whichever stage ended first.
+    let order = stage_graph();
+    all.sort_by_key(|e| {
+        (order.iter())
+            .position(|(stage, _)| *stage == e.stage)
+            .unwrap_or(order.len())
+    });
     std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
     Ok(())
 }

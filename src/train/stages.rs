@@ -14,7 +14,8 @@ use super::data::text_domains::text_corpus;
 use super::decoder::{init_tensors, set_vars, LayerAdapters, Routing, TrainDecoder};
 use super::looping::{self, StepOut};
 use super::lora::TrainLora;
-use super::pipeline::{expert_for, record, role_of, stage_data, Run, StageLog, ADAPTERS};
+use super::pipeline::{expert_for, record, role_of, stage_data, stage_graph, Run, StageLog};
+use super::schedule;
 use crate::adapters::peft::LoraAdapter;
 use crate::adapters::AdapterRole;
 use crate::engine::images::VQ_WEIGHTS_FILE;
@@ -42,12 +43,12 @@ pub fn tokenizer(run: &Run) -> Result<()> {
         run.cfg.vq.num_embeddings,
     )?;
     save_tokenizer(&tok, &run.path(TOKENIZER_FILE))?;
-    eprintln!(
+    super::progress::println(&format!(
         "tokenizer: {} text ids, {} image codes -> {}",
         layout.text_range.len(),
         layout.num_image_codes(),
         run.path(TOKENIZER_FILE).display()
-    );
+    ));
     record(
         &run.out,
         StageLog::new(
@@ -279,9 +280,10 @@ pub fn adapter(run: &Run, name: &str, device: &Device) -> Result<()> {
     lora.to_adapter()?.save(&run.path(ADAPTERS_DIR).join(name))
 }
 
-/// `all`: every stage in order; finished stages resume at their last step
-/// and only write their product again.
-pub fn all(run: &Run, device: &Device) -> Result<()> {
+/// `all`: every stage of [`stage_graph`], up to `jobs` at once (0: one per
+/// core); finished stages resume at their last step and only write their
+/// product again.
+pub fn all(run: &Run, device: &Device, jobs: usize) -> Result<()> {
     let started = Instant::now();
     let pipeline = run
         .path(super::pipeline::CHECKPOINTS_DIR)
@@ -302,20 +304,39 @@ pub fn all(run: &Run, device: &Device) -> Result<()> {
     std::fs::create_dir_all(&run.out)?;
     std::fs::write(run.path(RECIPE_FILE), &record)
         .with_context(|| format!("{}: cannot write", run.path(RECIPE_FILE).display()))?;
-    if !run.path(TOKENIZER_FILE).exists() {
-        tokenizer(run)?;
-    }
-    super::vq_stages::vq(run, device)?;
-    super::vq_stages::vq_decoder(run, device)?;
-    base(run, device)?;
-    for name in ADAPTERS {
-        adapter(run, name, device)?;
-    }
-    super::gate_train::gate(run, device)?;
-    eprintln!(
+    let graph = stage_graph();
+    let jobs_of_graph = graph
+        .into_iter()
+        .map(|(name, needs)| schedule::Job {
+            name,
+            needs,
+            work: Box::new(move |threads| {
+                let run = &Run {
+                    threads,
+                    ..run.clone()
+                };
+                match name {
+                    "tokenizer" if run.path(TOKENIZER_FILE).exists() => Ok(()),
+                    "tokenizer" => tokenizer(run),
+                    "vq" => super::vq_stages::vq(run, device),
+                    "vq_decoder" => super::vq_stages::vq_decoder(run, device),
+                    "base" => base(run, device),
+                    "gate" => super::gate_train::gate(run, device),
+                    adapter_name => adapter(run, adapter_name, device),
+                }
+            }),
+        })
+        .collect::<Vec<_>>();
+    let cores = run.threads();
+    let at_once = match jobs {
+        0 => cores,
+        n => n,
+    };
+    schedule::run(&jobs_of_graph, at_once, cores)?;
+    super::progress::println(&format!(
         "pipeline done in {:.1} min -> {}",
         started.elapsed().as_secs_f64() / 60.0,
         run.out.display()
-    );
+    ));
     Ok(())
 }

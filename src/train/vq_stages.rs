@@ -15,6 +15,7 @@ use super::batch::mix;
 use super::data::shapes::Scene;
 use super::data::Split;
 use super::pipeline::{record, Run, StageLog};
+use super::threads::MatmulThreads;
 use super::vq_train::{
     StepStats, VqBatch, VqTrainConfig, VqTrainer, CHECKPOINT_STATE, COLOUR_CLASSES, SHAPE_CLASSES,
 };
@@ -34,7 +35,7 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
         colour_weight: cfg.vq_colour_weight,
         ..train_config(run, seed)
     };
-    let _one_thread = MatmulThreads::set(1);
+    let _one_thread = MatmulThreads::limit(1);
     let dir = run.checkpoint_dir("vq");
     let mut trainer = VqTrainer::resume_or_new(&dir, &cfg.vq, &tcfg, device)?;
     train(run, &mut trainer, "vq", seed, cfg.vq_steps, &dir, device)?;
@@ -43,10 +44,10 @@ pub fn vq(run: &Run, device: &Device) -> Result<()> {
         let side = cfg.vq.resolution as u32;
         let scenes = usage_sample(mix(seed, u64::MAX), side, device)?;
         let report = trainer.merge_close_codes(&scenes, cfg.vq_merge_distance)?;
-        eprintln!(
+        super::progress::println(&format!(
             "vq: codes within {} merged: {} live codes -> {}",
             cfg.vq_merge_distance, report.live_before, report.live_after
-        );
+        ));
     }
     trainer.save_weights(&run.path(VQ_WEIGHTS_FILE))?;
     let merge_seconds = merge_started.elapsed().as_secs_f64();
@@ -68,7 +69,7 @@ pub fn vq_decoder(run: &Run, device: &Device) -> Result<()> {
         decoder_only: true,
         ..train_config(run, seed)
     };
-    let _one_thread = MatmulThreads::set(1);
+    let _one_thread = MatmulThreads::limit(1);
     let dir = run.checkpoint_dir("vq_decoder");
     let mut trainer = if dir.join(CHECKPOINT_STATE).exists() {
         VqTrainer::resume(&dir, &cfg.vq, &tcfg, device)?
@@ -85,12 +86,11 @@ pub fn vq_decoder(run: &Run, device: &Device) -> Result<()> {
 fn train_config(run: &Run, seed: u64) -> VqTrainConfig {
     // Micro-batches spread over the cores, each matmul on one thread: ~3x
     // faster here than candle's own threading on these small convs.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     VqTrainConfig {
         learning_rate: run.cfg.vq_learning_rate,
         checkpoint_every: 50,
         warmup_steps: 20,
-        threads,
+        threads: run.threads(),
         foreground_weight: run.cfg.vq_foreground_weight,
         ..VqTrainConfig::new(seed)
     }
@@ -116,8 +116,7 @@ fn train(
         shape: classes.is_some_and(|c| c.shapes),
         colour: classes.is_some_and(|c| c.colours),
     };
-    let bar = indicatif::ProgressBar::new(steps);
-    bar.set_position(trainer.step_count());
+    let bar = super::progress::bar(stage, steps, trainer.step_count());
     trainer.run(
         steps,
         |step| {
@@ -313,29 +312,4 @@ pub fn cell_targets(scenes: &[Scene], classes: CellClasses, device: &Device) -> 
         (scenes.len(), k, grid, grid),
         device,
     )?)
-}
-
-/// Sets `RAYON_NUM_THREADS`, which candle's CPU matmul reads at every call
-/// to choose its parallelism, until dropped. The global rayon pool is
-/// started first so that it keeps its full size.
-struct MatmulThreads(Option<String>);
-
-impl MatmulThreads {
-    fn set(n: usize) -> Self {
-        let _ = rayon::current_num_threads();
-        let old = std::env::var(RAYON_THREADS).ok();
-        std::env::set_var(RAYON_THREADS, n.to_string());
-        Self(old)
-    }
-}
-
-const RAYON_THREADS: &str = "RAYON_NUM_THREADS";
-
-impl Drop for MatmulThreads {
-    fn drop(&mut self) {
-        match &self.0 {
-            Some(v) => std::env::set_var(RAYON_THREADS, v),
-            None => std::env::remove_var(RAYON_THREADS),
-        }
-    }
 }
