@@ -204,47 +204,6 @@ fn training_reduces_reconstruction_loss() {
     assert!(used.len() >= 6, "only {} codes in use", used.len());
 }
 
-/// The distinct codes of `images` under the trainer's current codebook.
-fn code_ids(trainer: &VqTrainer, images: &Tensor) -> Vec<u32> {
-    let codes = trainer.model().encode(images).unwrap();
-    let mut used = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
-    used.sort();
-    used.dedup();
-    used
-}
-
-fn codes_used(trainer: &VqTrainer, images: &Tensor) -> usize {
-    code_ids(trainer, images).len()
-}
-
-/// The tiny VQ after `steps` full training steps on drawn rectangles.
-fn trained_on_rectangles(steps: u64) -> VqTrainer {
-    let tcfg = VqTrainConfig {
-        learning_rate: 3e-3,
-        restart_every: 25,
-        ..VqTrainConfig::new(11)
-    };
-    let mut trainer = VqTrainer::new(&tiny_config(), &tcfg, &Device::Cpu).unwrap();
-    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
-    trainer.run(steps, batches, None, |_| {}).unwrap();
-    trainer
-}
-
-fn codebook(trainer: &VqTrainer) -> Vec<Vec<f32>> {
-    let book = trainer.model().quantizer().codebook();
-    book.to_vec2::<f32>().unwrap()
-}
-
-fn distinct_vectors(trainer: &VqTrainer) -> usize {
-    let mut rows: Vec<Vec<u32>> = codebook(trainer)
-        .iter()
-        .map(|r| r.iter().map(|x| x.to_bits()).collect())
-        .collect();
-    rows.sort();
-    rows.dedup();
-    rows.len()
-}
-
 /// After a merge the codebook holds one vector per group the report counts
 /// (the encoder can pick no other), a distance just above the closest live
 /// pair removes groups, and one wider than the codebook leaves one code.

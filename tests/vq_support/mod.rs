@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use molora::model::vq::VqConfig;
+use molora::train::vq_train::{VqTrainConfig, VqTrainer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -132,4 +133,45 @@ pub fn paired_rectangles(pairs: usize, side: usize, align: usize, seed: u64) -> 
         data.extend(second);
     }
     Tensor::from_vec(data, (pairs * 2, 3, side, side), &Device::Cpu).unwrap()
+}
+
+/// The distinct codes of `images` under the trainer's current codebook.
+pub fn code_ids(trainer: &VqTrainer, images: &Tensor) -> Vec<u32> {
+    let codes = trainer.model().encode(images).unwrap();
+    let mut used = codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    used.sort();
+    used.dedup();
+    used
+}
+
+pub fn codes_used(trainer: &VqTrainer, images: &Tensor) -> usize {
+    code_ids(trainer, images).len()
+}
+
+/// The tiny VQ after `steps` full training steps on drawn rectangles.
+pub fn trained_on_rectangles(steps: u64) -> VqTrainer {
+    let tcfg = VqTrainConfig {
+        learning_rate: 3e-3,
+        restart_every: 25,
+        ..VqTrainConfig::new(11)
+    };
+    let mut trainer = VqTrainer::new(&tiny_config(), &tcfg, &Device::Cpu).unwrap();
+    let batches = |step| Ok(drawn_rectangles(16, 16, 4, 100 + step));
+    trainer.run(steps, batches, None, |_| {}).unwrap();
+    trainer
+}
+
+pub fn codebook(trainer: &VqTrainer) -> Vec<Vec<f32>> {
+    let book = trainer.model().quantizer().codebook();
+    book.to_vec2::<f32>().unwrap()
+}
+
+pub fn distinct_vectors(trainer: &VqTrainer) -> usize {
+    let mut rows: Vec<Vec<u32>> = codebook(trainer)
+        .iter()
+        .map(|r| r.iter().map(|x| x.to_bits()).collect())
+        .collect();
+    rows.sort();
+    rows.dedup();
+    rows.len()
 }
